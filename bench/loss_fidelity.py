@@ -12,7 +12,7 @@ context, so a different distribution over the same tokens). Sequences are teache
 For every loss variant and K: the relative error of the loss value (token-weighted over all sequences)
 against the same loss with the full teacher distribution (K = V, which the tests prove equal to the dense
 formula), and the cosine similarity of the gradient w.r.t. the student logits (all sequences concatenated).
-Token pairing: ``index`` (default) and ``aligned`` (stage two's pairs from ``logitcache.pipeline.alignment``).
+Token pairing: ``index`` (default) and ``aligned`` (stage two's pairs from ``logitcache.pipeline.byte_alignment``).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _span(model, ids: np.ndarray, prompt_len: int) -> torch.Tensor:
 
 def prepare(limit: int, taus: tuple[float, ...]) -> tuple[list[SeqData], list[SeqData]]:
     from logitcache.models import load_model, load_tokenizer
-    from logitcache.pipeline.alignment import align
+    from logitcache.pipeline.byte_alignment import align
     from logitcache.tokenization import encode_prompt_completion
 
     ttok, stok = load_tokenizer(TEACHER), load_tokenizer(STUDENT)

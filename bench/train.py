@@ -22,7 +22,7 @@ own peak memory, each calling ``distill.train.run_train`` with the same student,
 - ``offline``, per teacher: ``--loss`` (default ``ce:1,mlot:0.15``, cross-tokenizer) with the teacher rows from
   that teacher's cache;
 - ``online``, per teacher: the same loss with ``teacher=...``: ``_teacher_rows`` recomputes every batch's rows
-  with ``pipeline.capture.score_rows`` (the path ``logitcache train --teacher`` takes).
+  with ``pipeline.backend_hf.score_rows`` (the path ``logitcache train --teacher`` takes).
 
 Step time is the interval between consecutive ``optimizer.step`` calls (a global post-hook): loader wait,
 teacher, student forward/backward, losses, clipping, optimizer, logging. ``--warmup`` steps are dropped and the
@@ -110,10 +110,10 @@ def scaled_teacher(root: Path, student: str, factor: float) -> tuple[Path, dict[
 
 def build(root: Path, name: str, teacher: str, args: argparse.Namespace) -> Path:
     """``teacher``'s cache aligned to the student's tokenizer, in ``root/cache-<name>`` (reused when complete)."""
-    from logitcache.pipeline.align import AlignConfig, run_align
-    from logitcache.pipeline.generate import GenerateConfig, run_generate
+    from logitcache.pipeline.align_stage import AlignConfig, run_align
+    from logitcache.pipeline.generate_stage import GenerateConfig, run_generate
     from logitcache.storage import LogitCache
-    from logitcache.storage.alignments import list_stores
+    from logitcache.storage.alignment_store import list_stores
 
     cache = root / f"cache-{name}"
     try:

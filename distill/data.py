@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from logitcache.storage import LogitCache, PositionRows, SequenceRecord
-from logitcache.storage.alignments import AlignmentRecord, AlignmentStore
+from logitcache.storage.alignment_store import AlignmentRecord, AlignmentStore
 
 from .sampling import assign_shards, check_world, is_heldout, shard_permutation, skip
 

@@ -2,7 +2,7 @@
 
 For every input record (a ``prompt`` or chat ``messages`` plus a reference ``response``) the model answers
 greedily (temperature 0, at most ``--max-new-tokens``, stopping at EOS) from the prompt rendered exactly as stage
-one renders it (``pipeline.render``: the model's chat template with a generation prompt, or the raw prompt when
+one renders it (``logitcache.prompts``: the model's chat template with a generation prompt, or the raw prompt when
 there is none). The answer is scored against the reference with:
 
 - ``rougeL`` / ``rougeLsum``: F-measure from the ``rouge-score`` package (stemmed). ``rougeLsum`` wants one
@@ -43,8 +43,8 @@ import numpy as np
 from tqdm import tqdm
 
 from logitcache.config import ConfigError, check, option
-from logitcache.pipeline.inputs import InputError, InputFields, InputRecord, read_inputs
-from logitcache.pipeline.render import input_messages, render_messages, resolve_chat_template
+from logitcache.inputs import InputError, InputFields, InputRecord, read_inputs
+from logitcache.prompts import input_messages, render_messages, resolve_chat_template
 
 
 @dataclass
@@ -265,8 +265,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate ``cfg.model`` on ``cfg.data``; returns (and with ``--out`` writes) the report dict."""
     import torch
 
-    from logitcache.models import ModelSpecError, default_device, load_model, load_tokenizer
-    from logitcache.pipeline.engines import model_context
+    from logitcache.models import ModelSpecError, default_device, load_model, load_tokenizer, model_context
     from logitcache.tokenization import encode_prompt_completion
 
     t0 = time.perf_counter()

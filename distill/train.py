@@ -9,7 +9,7 @@ steps the held-out split gives loss and perplexity; every ``--save-every`` steps
 same stream and reproduces an uninterrupted run's losses on CPU.
 
 ``--teacher M`` recomputes the teacher rows online (same K, same sequences) instead of reading them, for honest
-offline-vs-online comparisons; it is the only path that loads a teacher (``pipeline.capture``).
+offline-vs-online comparisons; it is the only path that loads a teacher (``pipeline.backend_hf``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from logitcache.config import ConfigError, check, option, to_dict
 from logitcache.storage import LogitCache
-from logitcache.storage.alignments import AlignmentStore, list_stores
+from logitcache.storage.alignment_store import AlignmentStore, list_stores, store_key
 
 from .data import ExampleStream, Prefetcher
 from .losses import LOSSES, CombinedLoss, DistillBatch, parse_loss_spec
@@ -163,7 +163,7 @@ def open_inputs(cfg: TrainConfig, tokenizer: Any) -> tuple[LogitCache, Alignment
                 "run `logitcache verify` for all of them"
             )
     fingerprint = tokenizer_fingerprint(tokenizer)
-    key = fingerprint[:16]
+    key = store_key(fingerprint)
     if key not in list_stores(cache):
         others = ", ".join(list_stores(cache)) or "none"
         raise ConfigError(
@@ -303,7 +303,7 @@ def _teacher_rows(
     teacher: Any, examples: list[Any], batch: dict[str, torch.Tensor], k: int, temps: list[float]
 ) -> None:
     """Online mode: overwrite the batch's cached teacher rows (and lse@tau) with freshly computed ones."""
-    from logitcache.pipeline.capture import score_rows  # the one place train touches a teacher
+    from logitcache.pipeline.backend_hf import score_rows  # the one place train touches a teacher
 
     ids = [e.teacher_token_ids for e in examples]
     with torch.inference_mode():

@@ -26,7 +26,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from logitcache.config import ConfigError
         from logitcache.models import ModelSpecError
-        from logitcache.pipeline.alignment import AlignmentError
+        from logitcache.pipeline.byte_alignment import AlignmentError
         from logitcache.storage.errors import CacheError
         from logitcache.tokenization import TokenizationMismatchError
 
@@ -52,7 +52,7 @@ def main() -> None:
 
 
 def _generate_config() -> type:
-    from logitcache.pipeline.generate import GenerateConfig
+    from logitcache.pipeline.generate_stage import GenerateConfig
 
     return GenerateConfig
 
@@ -68,7 +68,7 @@ def generate(config_file: str | None, **flags: Any) -> None:
     `logitcache finalize OUT`. Distributed: --workers N (local dask) or --scheduler ADDRESS.
     """
     from logitcache.config import from_sources
-    from logitcache.pipeline.generate import GenerateConfig, run_generate
+    from logitcache.pipeline.generate_stage import GenerateConfig, run_generate
 
     cfg = from_sources(GenerateConfig, flags, config_file)
     summary = run_generate(cfg)
@@ -87,7 +87,7 @@ def generate(config_file: str | None, **flags: Any) -> None:
 
 
 def _align_config() -> type:
-    from logitcache.pipeline.align import AlignConfig
+    from logitcache.pipeline.align_stage import AlignConfig
 
     return AlignConfig
 
@@ -102,7 +102,7 @@ def align(config_file: str | None, **flags: Any) -> None:
     Writes CACHE/alignments/<student tokenizer fingerprint>/; resumable; shards run in parallel processes.
     """
     from logitcache.config import from_sources
-    from logitcache.pipeline.align import AlignConfig, describe_store, run_align
+    from logitcache.pipeline.align_stage import AlignConfig, describe_store, run_align
 
     cfg = from_sources(AlignConfig, flags, config_file)
     manifest = run_align(cfg)
@@ -174,7 +174,7 @@ def eval_cmd(config_file: str | None, as_json: bool, **flags: Any) -> None:
 @user_errors
 def finalize(cache: str) -> None:
     """Write CACHE's manifest once every shard is complete (for job arrays; safe to repeat)."""
-    from logitcache.pipeline.generate import finalize_cache
+    from logitcache.pipeline.generate_stage import finalize_cache
 
     m = finalize_cache(cache)
     click.echo(f"{cache}: finalized, {m['num_shards']} shards, {m['stats']['positions']} positions")

@@ -248,6 +248,16 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return getattr(torch, dtype)
 
 
+def model_context(config: Any) -> int:
+    """The model's context length from its config (``max_position_embeddings`` or equivalent)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30
+
+
 def default_device() -> str:
     import torch
 

@@ -1,8 +1,8 @@
 """The ``vllm`` backend of stage one: teacher top-K rows from a vLLM engine (DESIGN.md sections 2 and 4).
 
-Same contract as the transformers backend (:mod:`logitcache.pipeline.capture`): :meth:`VllmBackend.score` mirrors
-:func:`~logitcache.pipeline.capture.score_rows` and :meth:`VllmBackend.generate` mirrors
-:func:`~logitcache.pipeline.capture.generate_rows`; both return the same record types, and for the same model and
+Same contract as the transformers backend (:mod:`logitcache.pipeline.backend_hf`): :meth:`VllmBackend.score` mirrors
+:func:`~logitcache.pipeline.backend_hf.score_rows` and :meth:`VllmBackend.generate` mirrors
+:func:`~logitcache.pipeline.backend_hf.generate_rows`; both return the same record types, and for the same model and
 token ids the rows agree up to dtype noise (``tests/test_vllm_backend.py`` checks this).
 
 vLLM is optional and imported lazily (on first construction); without it the constructor raises
@@ -330,7 +330,7 @@ class VllmBackend:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from logitcache.pipeline.capture import Generated, check_sampling
+        from logitcache.pipeline.backend_hf import Generated, check_sampling
 
         _check_top_k(k, self.vocab_size, self.max_logprobs)
         _no_extra_temperatures(extra_temperatures)

@@ -24,14 +24,14 @@ class Engine(Protocol):
 
 
 class HfEngine:
-    """transformers on CPU or GPU: teacher-forced scoring and a KV-cached sampling loop (``pipeline.capture``)."""
+    """transformers on CPU or GPU: teacher-forced scoring and a KV-cached sampling loop (``pipeline.backend_hf``)."""
 
     def __init__(self, cfg: Any, tokenizer: Any) -> None:
         import torch
 
-        from logitcache.models import load_model
+        from logitcache.models import load_model, model_context
 
-        from .capture import vocab_width
+        from .backend_hf import vocab_width
 
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
@@ -44,7 +44,7 @@ class HfEngine:
     def score(self, token_ids: list[np.ndarray], prompt_lens: list[int]) -> list[PositionRows]:
         import torch
 
-        from .capture import score_rows
+        from .backend_hf import score_rows
 
         with torch.inference_mode():
             return score_rows(
@@ -59,7 +59,7 @@ class HfEngine:
     def generate(self, prompt_ids: list[np.ndarray], seed: int) -> list[tuple[np.ndarray, str, PositionRows]]:
         import torch
 
-        from .capture import generate_rows
+        from .backend_hf import generate_rows
 
         with torch.inference_mode():
             out = generate_rows(
@@ -118,13 +118,3 @@ class VllmEngine:
 
 
 ENGINES: dict[str, type] = {"hf": HfEngine, "vllm": VllmEngine}
-
-
-def model_context(config: Any) -> int:
-    """The model's context length from its config (``max_position_embeddings`` or equivalent)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(text, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 30

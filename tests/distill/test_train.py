@@ -12,15 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import build_setup
 
 from logitcache.distill.sampling import rank_epoch_size
 from logitcache.distill.train import TrainConfig, run_train
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return build_setup(tmp_path_factory.mktemp("train"))
+def setup(train_setup):
+    return train_setup
 
 
 def cfg(setup, out, **kw):
@@ -157,7 +156,7 @@ from logitcache.distill.train import TrainConfig, run_train
 run_train(TrainConfig(cache={str(setup["cache"])!r}, student={str(setup["student"])!r}, out={str(tmp_path / "t")!r},
                       max_steps=2, batch_size=2, eval_fraction=0.0))
 assert loaded == [{str(setup["student"])!r}], loaded
-assert "logitcache.pipeline.capture" not in sys.modules
+assert "logitcache.pipeline.backend_hf" not in sys.modules
 print("ok")
 """
     teacher = setup["teacher"]

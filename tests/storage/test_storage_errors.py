@@ -168,7 +168,7 @@ KILL_SCRIPT = textwrap.dedent(
 
 def test_sigkill_mid_shard_then_rerun_finishes(tmp_path):
     path = str(tmp_path / "cache")
-    script = KILL_SCRIPT.format(tests=os.path.dirname(__file__), path=path)
+    script = KILL_SCRIPT.format(tests=os.path.dirname(os.path.dirname(__file__)), path=path)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     seen = []
     while True:  # kill while the second shard is being written (its sequence table is on disk, marker not)

@@ -2,7 +2,7 @@
 
 Llama-3.2 and Qwen2 (plain tokenizer.json) load in about a second and run by default; SmolLM2 and Gemma-3 come
 from GGUF files (converted once, then cached) and are marked ``slow``. Install lines: ``REAL_PACKAGES`` in
-tests/tiny_tokenizers.py.
+logitcache/testing/tiny_tokenizers.py.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from tiny_tokenizers import CORPUS, REAL_PACKAGES, real_tokenizer, real_tokenizer_available
 
-from logitcache.pipeline.alignment import _check_token_bytes, align, check_alignment, completion_offsets, vocab_map
+from logitcache.pipeline.byte_alignment import _check_token_bytes, align, check_alignment, completion_offsets, vocab_map
+from logitcache.testing.tiny_tokenizers import CORPUS, REAL_PACKAGES, real_tokenizer, real_tokenizer_available
 from logitcache.tokenization import (
     TokenizationMismatchError,
     encode_prompt_completion,

@@ -10,13 +10,19 @@ import pytest
 from cli_helpers import one_line_error
 from click.testing import CliRunner
 from gen_helpers import ascii_teacher, write_prompts
-from tiny_models import unigram_tokenizer
 
 from logitcache.cli import main
-from logitcache.pipeline.align import AlignConfig, align_sequence, load_student_tokenizer, run_align, store_key
-from logitcache.pipeline.generate import GenerateConfig, run_generate
+from logitcache.pipeline.align_stage import (
+    AlignConfig,
+    align_sequence,
+    load_student_tokenizer,
+    run_align,
+    student_store_key,
+)
+from logitcache.pipeline.generate_stage import GenerateConfig, run_generate
 from logitcache.storage import ConfigMismatchError, LogitCache
-from logitcache.storage.alignments import AlignmentStore
+from logitcache.storage.alignment_store import AlignmentStore
+from logitcache.testing.tiny_models import unigram_tokenizer
 
 STUDENT_TEMPLATE = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
 
@@ -45,7 +51,7 @@ def test_store_matches_the_per_sample_api(built, tmp_path):
     manifest = run_align(AlignConfig(cache=str(cache_path), student_tokenizer=str(built / "student"), workers=1))
     cache = LogitCache.open(cache_path)
     student = load_student_tokenizer(str(built / "student"))
-    store = AlignmentStore.open(cache, store_key(student))
+    store = AlignmentStore.open(cache, student_store_key(student))
     assert manifest["stats"]["sequences"] == 9 and store.key == manifest["key"]
     for rec in cache.iter_sequences():
         got = store.get(rec.sample_id)

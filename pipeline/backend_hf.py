@@ -131,7 +131,7 @@ def _check_head(model: PreTrainedModel, head: Head) -> None:
     if not diff <= tol * (1.0 + full.abs().max().item()):
         raise RuntimeError(
             f"the chunked output head does not reproduce {type(model).__name__}'s logits (max abs diff {diff:.3g}); "
-            "this architecture applies a logit transform that pipeline/capture.py does not know"
+            "this architecture applies a logit transform that pipeline/backend_hf.py does not know"
         )
     _HEAD_CHECKED[model] = True
 

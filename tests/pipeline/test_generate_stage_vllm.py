@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("gguf")
 
-from logitcache.pipeline.generate import GenerateConfig, run_generate
+from logitcache.pipeline.generate_stage import GenerateConfig, run_generate
 from logitcache.storage import LogitCache
 
 

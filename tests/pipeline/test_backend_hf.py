@@ -1,15 +1,15 @@
-"""pipeline.capture: cached top-K rows against a direct full forward, chunking, batching and sampling."""
+"""pipeline.backend_hf: cached top-K rows against a direct full forward, chunking, batching and sampling."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from tiny_models import bpe_tokenizer, tiny_llama
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from logitcache.pipeline.capture import generate_rows, score_rows, vocab_width
+from logitcache.pipeline.backend_hf import generate_rows, score_rows, vocab_width
 from logitcache.storage.records import PositionRows
+from logitcache.testing.tiny_models import bpe_tokenizer, tiny_llama
 
 K = 8
 Tok = PreTrainedTokenizerBase

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_losses_helpers import make_batch, random_seqs
+from loss_helpers import make_batch, random_seqs
 
 from logitcache.distill.losses import LOSSES, ALMConfig
 

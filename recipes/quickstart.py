@@ -1,12 +1,12 @@
 """The embedded-default main job: the whole pipeline on real models that ship inside PyPI packages.
 
-    bash scripts/quickstart.sh            # = python -m logitcache.quickstart runs/quickstart
+    bash scripts/quickstart.sh            # = python recipes/quickstart.py runs/quickstart
 
 Teacher Gemma-3-270M (262,144-token SentencePiece vocabulary, base model) and student SmolLM2-135M-Instruct
 (49,152-token byte-level BPE, chat template): different tokenizers, so this exercises cross-tokenizer
 distillation end to end, on CPU, in about 10-15 minutes on 2 cores:
 
-1. ``generate`` (score mode): the teacher scores the shipped reference answers (``logitcache/data``: 44 training
+1. ``generate`` (score mode): the teacher scores the shipped reference answers (``recipes/data``: 44 training
    questions, 12 held out, written by us) and caches its top-32 logprobs;
 2. ``align``: the cache is aligned to SmolLM2's tokenizer (SmolLM2 renders the questions with its own template);
 3. ``eval`` of the untrained student on the 12 held-out questions (ROUGE-L, token F1, perplexity of references);
@@ -26,7 +26,6 @@ import os
 import shutil
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ NEEDED_GB = 4.0
 
 
 def data_file(name: str) -> str:
-    return str(resources.files("logitcache.data") / name)
+    return str(Path(__file__).resolve().parent / "data" / name)
 
 
 def preflight(out: Path) -> None:
@@ -134,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t_all = time.perf_counter()
     from logitcache.distill.train import TrainConfig, latest_checkpoint, run_train
-    from logitcache.pipeline.align import AlignConfig, run_align
-    from logitcache.pipeline.generate import GenerateConfig, run_generate
+    from logitcache.pipeline.align_stage import AlignConfig, run_align
+    from logitcache.pipeline.generate_stage import GenerateConfig, run_generate
 
     times: dict[str, float] = {}
     t = step(f"1/5 generate: teacher {TEACHER} scores {data_file('quickstart_train.jsonl')}")

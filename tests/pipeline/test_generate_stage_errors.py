@@ -7,15 +7,15 @@ import json
 import pytest
 from cli_helpers import one_line_error
 from click.testing import CliRunner
-from gen_helpers import ascii_teacher, write_prompts
+from gen_helpers import write_prompts
 
 from logitcache.cli import main
 from logitcache.storage import LogitCache
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return ascii_teacher(tmp_path_factory.mktemp("teacher") / "model")
+def teacher(ascii_teacher_folder):
+    return ascii_teacher_folder
 
 
 def gen(teacher, data, out, *extra):

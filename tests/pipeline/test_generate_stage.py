@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 import torch
 from cache_helpers import assert_records_equal
-from gen_helpers import ascii_teacher, write_prompts
+from gen_helpers import write_prompts
 
-from logitcache.pipeline.generate import GenerateConfig, finalize_cache, run_generate
+from logitcache.pipeline.generate_stage import GenerateConfig, finalize_cache, run_generate
 from logitcache.storage import LogitCache, verify_cache
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return ascii_teacher(tmp_path_factory.mktemp("teacher") / "model")
+def teacher(ascii_teacher_folder):
+    return ascii_teacher_folder
 
 
 @pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    return write_prompts(tmp_path_factory.mktemp("data") / "prompts.jsonl", 10)
+def prompts(prompts_file):
+    return prompts_file
 
 
 def cfg(teacher, prompts, out, **kw):

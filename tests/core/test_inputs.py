@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from logitcache.pipeline.inputs import InputError, InputFields, read_inputs, shard_ranges, shards_for_task
+from logitcache.inputs import InputError, InputFields, read_inputs, shard_ranges, shards_for_task
 
 ROWS = [{"q": "What is 2+2?", "a": "4", "uid": "x1"}, {"q": "Café?", "a": "Oui 🙂", "uid": "x2"}]
 FIELDS = InputFields(prompt="q", response="a", id="uid")

@@ -8,10 +8,10 @@ import shutil
 import pytest
 from cli_helpers import one_line_error
 from click.testing import CliRunner
-from tiny_models import tiny_llama, unigram_tokenizer
 from train_helpers import build_setup
 
 from logitcache.cli import main
+from logitcache.testing.tiny_models import tiny_llama, unigram_tokenizer
 
 
 @pytest.fixture(scope="module")

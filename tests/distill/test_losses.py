@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_losses_helpers import make_batch, make_seq, pad_more, random_seqs
+from loss_helpers import make_batch, make_seq, pad_more, random_seqs
 
 from logitcache.distill.losses import (
     LOSSES,

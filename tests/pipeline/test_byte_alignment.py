@@ -1,4 +1,4 @@
-"""logitcache.pipeline.alignment: boundaries, pairs, chunks, invariants and the vocabulary map (tiny tokenizers)."""
+"""logitcache.pipeline.byte_alignment: boundaries, pairs, chunks, invariants and the vocabulary map."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_tokenizers import ALL_TINY, byte_level_bpe, legacy_unigram, metaspace_bpe
 
-from logitcache.pipeline.alignment import (
+from logitcache.pipeline.byte_alignment import (
     Alignment,
     AlignmentError,
     align,
@@ -19,6 +18,7 @@ from logitcache.pipeline.alignment import (
     completion_offsets,
     vocab_map,
 )
+from logitcache.testing.tiny_tokenizers import ALL_TINY, byte_level_bpe, legacy_unigram, metaspace_bpe
 from logitcache.tokenization import encode_prompt_completion, token_bytes_info
 
 HYPO = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

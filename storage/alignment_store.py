@@ -14,7 +14,7 @@ missing ones. The store depends on the cache's identity: its header records the 
 and shard checksums, and ``AlignmentStore.open`` refuses a store built from different cache content.
 
 Row conventions of ``pairs``/``chunks`` (teacher and student loss-span rows, end-of-text rows) are defined by
-``logitcache.pipeline.alignment``; this module only persists them.
+``logitcache.pipeline.byte_alignment``; this module only persists them.
 """
 
 from __future__ import annotations
@@ -52,6 +52,14 @@ SCHEMA = pa.schema(
         ("student_end", pa.int32()),
     ]
 )
+
+
+def store_key(tokenizer_fingerprint: str) -> str:
+    """The folder name of a student tokenizer's alignment store: its fingerprint's first 16 hex digits.
+
+    The one place this rule lives: stage two writes ``alignments/<key>/`` and stage three looks it up by it.
+    """
+    return tokenizer_fingerprint[:16]
 
 
 @dataclass
