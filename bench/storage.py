@@ -23,9 +23,9 @@ import time
 
 import numpy as np
 
-from logitcache.storage import CacheHeader, CacheWriter, LogitCache, PositionRows, SequenceRecord
+from logitcache.storage import CacheHeader, CacheWriter, LogitCache
 from logitcache.storage.codecs import LOGPROB_CODECS
-from logitcache.storage.synthetic import synthetic_rows, synthetic_targets
+from logitcache.storage.synthetic import synthetic_records
 
 
 def renorm_kl(ref: np.ndarray, got: np.ndarray) -> float:
@@ -37,27 +37,7 @@ def renorm_kl(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def build_shards(positions: int, k: int, vocab: int, seq_len: int, shards: int, prompt_len: int) -> list[list]:
-    ids, lps = synthetic_rows(positions, k=k, vocab=vocab, seed=0)
-    t_ids, t_lps = synthetic_targets(ids, lps, vocab=vocab, seed=0)
-    rng = np.random.default_rng(0)
-    records: list[SequenceRecord] = []
-    for sid, start in enumerate(range(0, positions, seq_len)):
-        stop = min(positions, start + seq_len)
-        n = stop - start
-        tokens = np.concatenate([rng.integers(0, vocab, prompt_len), t_ids[start:stop]]).astype(np.int32)
-        records.append(
-            SequenceRecord(
-                sample_id=sid,
-                source_id=f"doc-{sid}",
-                prompt_text="p" * prompt_len,
-                completion_text="c" * n,
-                token_ids=tokens,
-                token_byte_offsets=np.arange(len(tokens)),
-                prompt_len=prompt_len,
-                finish_reason="length",
-                rows=PositionRows(ids[start:stop], lps[start:stop], t_ids[start:stop], t_lps[start:stop]),
-            )
-        )
+    records = synthetic_records(positions, k=k, vocab=vocab, seq_len=seq_len, prompt_len=prompt_len)
     per = -(-len(records) // shards)
     return [records[i : i + per] for i in range(0, len(records), per)]
 

@@ -16,6 +16,8 @@
   probability equal to the tail mass it is a token outside the top-K (a Zipf id not in the row) whose logprob is
   below the row's last one.
 
+``synthetic_records`` packs such rows into whole cached sequences (benches of storage and the loader).
+
 Everything is vectorized numpy: about 5 s per million rows of K=64 on one (busy) core. Meant for K much
 smaller than the vocabulary (redrawing repeats slows down as K approaches it).
 """
@@ -23,6 +25,8 @@ smaller than the vocabulary (redrawing repeats slows down as K approaches it).
 from __future__ import annotations
 
 import numpy as np
+
+from .records import PositionRows, SequenceRecord
 
 _TABLES: dict[tuple[int, float], np.ndarray] = {}
 _TABLE_BITS = 20
@@ -140,3 +144,34 @@ def synthetic_targets(
         t_ids[out] = cand
         t_lp[out] = logprobs[out, -1] - rng.exponential(1.5, size=int(out.sum())).astype(np.float32)
     return t_ids.astype(np.int32), t_lp.astype(np.float32)
+
+
+def synthetic_records(
+    positions: int, k: int = 64, vocab: int = 262144, seq_len: int = 512, prompt_len: int = 16, seed: int = 0
+) -> list[SequenceRecord]:
+    """Sequences of ``seq_len`` loss-span rows from :func:`synthetic_rows` (the last one shorter), for benches.
+
+    Each record's completion tokens are the rows' realized targets (row ``p`` predicts token ``p + 1``), its
+    prompt ``prompt_len`` random ids; texts are placeholders (one byte per token) with matching byte offsets.
+    """
+    ids, lps = synthetic_rows(positions, k=k, vocab=vocab, seed=seed)
+    t_ids, t_lps = synthetic_targets(ids, lps, vocab=vocab, seed=seed)
+    rng = np.random.default_rng(seed)
+    records: list[SequenceRecord] = []
+    for sid, start in enumerate(range(0, positions, seq_len)):
+        stop = min(positions, start + seq_len)
+        tokens = np.concatenate([rng.integers(0, vocab, prompt_len), t_ids[start:stop]]).astype(np.int32)
+        records.append(
+            SequenceRecord(
+                sample_id=sid,
+                source_id=f"doc-{sid}",
+                prompt_text="p" * prompt_len,
+                completion_text="c" * (stop - start),
+                token_ids=tokens,
+                token_byte_offsets=np.arange(len(tokens)),
+                prompt_len=prompt_len,
+                finish_reason="length",
+                rows=PositionRows(ids[start:stop], lps[start:stop], t_ids[start:stop], t_lps[start:stop]),
+            )
+        )
+    return records
