@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     times: dict[str, list[float]] = {name: [] for name, _ in ROWS}
-    for name, code in ROWS:  # warm the OS page cache once per row
+    for _name, code in ROWS:  # warm the OS page cache once per row
         time_once(code)
     for _ in range(args.repeats):
         for name, code in ROWS:
