@@ -68,3 +68,25 @@ def test_argument_errors_without_heavy_libraries(args, needle):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert needle in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_user_error_classes_named_by_the_cli_exist():
+    """The CLI names its user-facing exception classes by module and class (so that it need not import them at
+    start-up); a typo there would only show when a user error turned into a traceback."""
+    import importlib
+
+    from logitcache.cli import _USER_ERRORS
+
+    for module, name in _USER_ERRORS:
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, Exception), (module, name)
+
+
+def test_a_library_user_error_is_one_line(tmp_path):
+    """An error class the CLI did not import itself (storage's CacheError) still prints as one line, exit 2."""
+    r = subprocess.run(
+        [sys.executable, "-m", "logitcache.cli", "inspect", str(tmp_path / "nope")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and "no such cache folder" in r.stderr and "Traceback" not in r.stderr

@@ -11,7 +11,7 @@ import pytest
 import torch
 from loss_helpers import make_batch, random_seqs
 
-from logitcache.distill.losses import LOSSES, KLConfig, kl_loss, sinkhorn_plan
+from logitcache.distill.losses import LOSSES, CombinedLoss, KLConfig, kl_loss, sinkhorn_plan
 
 
 def autocast(enabled: bool = True) -> torch.autocast:
@@ -76,6 +76,26 @@ def test_loss_under_autocast_matches_full_precision(name, logits_dtype):
         results.append((out.value.detach(), b.student_logits.grad.float()))
     (v0, g0), (v1, g1) = results
     assert torch.isfinite(v0) and torch.isfinite(g0).all()
+    torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "spec, same", [("ce:1,mlot:0.15,uld:0.5,alm:1", False), ("ce:1,kl:0.5,rkl:0.5,mlot:0.1", True)]
+)
+def test_combined_loss_under_autocast_matches_full_precision(spec, same):
+    """The shared student statistics (one pass for all terms) stay fp32 under autocast too, as train uses them."""
+    g = torch.Generator().manual_seed(4)
+    seqs = random_seqs(2, 40, 40 if same else 29, g, lengths=[(10, 11), (8, 7)], dtype=torch.float32)
+    results = []
+    for enabled in (False, True):
+        b = make_batch(seqs, 8, same_vocab=same, grad=False)
+        b.student_logits = b.student_logits.detach().to(torch.bfloat16).requires_grad_(True)
+        with autocast(enabled):
+            out = CombinedLoss(spec)(b)
+            out.total.backward()
+        results.append((out.total.detach(), b.student_logits.grad.float()))
+    (v0, g0), (v1, g1) = results
     torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
 
