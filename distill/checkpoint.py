@@ -95,18 +95,20 @@ def data_identity(cache: LogitCache, store: AlignmentStore) -> dict[str, Any]:
 
 
 def _identity_diffs(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two data identities, each as a phrase for a one-line error."""
     diffs = []
     c0, c1 = then.get("cache", {}), now["cache"]
     if c0.get("header_fingerprint") != c1["header_fingerprint"]:
-        diffs.append("the cache's header (teacher, top-k or codec settings)")
+        diffs.append("its header differs (teacher, data, top-k or codec settings)")
     shards0, shards1 = c0.get("shards", {}), c1["shards"]
     changed = sorted(n for n in set(shards0) | set(shards1) if shards0.get(n) != shards1.get(n))
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-        diffs.append(f"cache shards {', '.join(changed[:3])}{more}")
+        diffs.append(f"shards {', '.join(changed[:3])}{more} differ")
     a0, a1 = then.get("alignment_store", {}), now["alignment_store"]
     if a0 != a1:
-        diffs.append(f"the alignment store (alignments/{a0.get('key')} then, alignments/{a1['key']} now)")
+        key = a1["key"] if a0.get("key") == a1["key"] else f"{a0.get('key')} then, {a1['key']} now"
+        diffs.append(f"the alignment store differs (alignments/{key})")
     return diffs
 
 
@@ -130,8 +132,8 @@ def check_resume(cfg: Any, out: Path, identity: dict[str, Any]) -> None:
     changed = _identity_diffs(json.loads(inputs.read_text()), identity)
     if changed:
         raise ConfigError(
-            f"--resume: --cache {now.get('cache')} holds other data than the run in {out} was trained on "
-            f"({'; '.join(changed)} differ); resume with that run's cache or start over with --overwrite"
+            f"--resume: --cache {now.get('cache')} holds other data than the run in {out} was trained on: "
+            f"{'; '.join(changed)}; resume with that run's cache or start over with --overwrite"
         )
 
 
