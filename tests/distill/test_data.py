@@ -226,3 +226,32 @@ def test_a_reader_error_on_the_background_thread_surfaces_in_the_consumer(train_
     finally:
         loader.close()
     assert not loader._thread.is_alive()
+
+
+# ---- the seam to the losses ------------------------------------------------------------------------------------
+
+
+def test_student_forward_gathers_each_row_at_its_input_position(train_setup):
+    import torch
+
+    from logitcache.distill.batch import distill_batch, student_forward
+    from logitcache.models import load_model
+
+    cache, store = open_data(train_setup)
+    by_length = {len(e.input_ids): e for e in itertools.islice(iter(ExampleStream(cache, store, seed=4)), 24)}
+    examples = list(by_length.values())[:3]
+    assert len(examples) > 1  # precondition: sequences of different lengths, so padding is in play
+    batch = collate(examples, 0, cache.top_k, list(cache.header.extra_temperatures))
+    assert batch.first_position == min(e.prompt_len for e in examples) - 1
+    model = load_model(str(train_setup["student"]), dtype="float32", device="cpu")
+    with torch.no_grad():
+        db = student_forward(model, batch, same_vocab=False)
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    for b, e in enumerate(examples):
+        n = len(e.targets)
+        assert torch.allclose(db.student_logits[b, :n], full[b, e.prompt_len - 1 : e.prompt_len - 1 + n], atol=1e-5)
+        assert db.student_targets[b, :n].tolist() == e.targets.tolist() and not db.student_mask[b, n:].any()
+        assert db.teacher_topk_ids[b, : e.teacher.n].tolist() == e.teacher.topk_ids.tolist()
+    assert db.teacher_topk_ids.dtype == torch.long and batch.teacher_topk_ids.dtype == torch.int32
+    with pytest.raises(ValueError, match="logits must be"):
+        distill_batch(batch, full, same_vocab=False)  # every position: not what logits_to_keep asked for

@@ -184,6 +184,8 @@ def test_online_teacher_gives_the_same_losses(setup, tmp_path):
     assert online["teacher_loaded"] and not offline["teacher_loaded"]
     for x, y in zip(metrics(tmp_path / "off"), metrics(tmp_path / "on"), strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-2 * max(1.0, abs(x["loss"])), (x["loss"], y["loss"])
+    # ... but not bit-identical: the online rows were really recomputed (fp32, not the cache's fp16)
+    assert [x["loss"] for x in metrics(tmp_path / "off")] != [y["loss"] for y in metrics(tmp_path / "on")]
 
 
 def test_online_teacher_needs_an_injected_scorer(setup, tmp_path):
@@ -192,3 +194,16 @@ def test_online_teacher_needs_an_injected_scorer(setup, tmp_path):
     with pytest.raises(ConfigError, match="--teacher: online mode needs a teacher scorer"):
         run_train(cfg(setup, tmp_path / "on", max_steps=1, teacher=str(setup["teacher"])))
     assert not (tmp_path / "on").exists()
+
+
+def test_cli_train_with_teacher_injects_the_hf_scorer(setup, tmp_path):
+    from click.testing import CliRunner
+
+    from logitcache.cli import main
+
+    out = tmp_path / "cli-online"
+    args = ["train", "--cache", str(setup["cache"]), "--student", str(setup["student"]), "--out", str(out)]
+    args += ["--teacher", str(setup["teacher"]), "--max-steps", "1", "--batch-size", "2", "--eval-fraction", "0"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "summary.json").read_text())["teacher_loaded"]
