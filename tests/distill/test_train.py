@@ -207,3 +207,22 @@ def test_cli_train_with_teacher_injects_the_hf_scorer(setup, tmp_path):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert json.loads((out / "summary.json").read_text())["teacher_loaded"]
+
+
+def test_distill_imports_no_pipeline_module():
+    """The import rule, lazy imports included: ``distill`` reaches a teacher only through the scorer it is handed."""
+    import ast
+
+    import logitcache.distill as distill
+
+    files = sorted(Path(distill.__path__[0]).glob("*.py"))
+    assert any(f.name == "train.py" for f in files)
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            else:
+                continue
+            assert not [n for n in names if "pipeline" in n.split(".")], (f.name, names)
