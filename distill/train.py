@@ -355,6 +355,40 @@ class _Trainer:
             self.cfg.keep_checkpoints,
         )
 
+    def run(self, loader: Prefetcher, out: Path, tokenizer: Any, t0: float) -> dict[str, float]:
+        """Step until ``--max-steps``: log, evaluate and checkpoint on schedule; returns the last step's logs."""
+        cfg, ctx = self.cfg, self.ctx
+        metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None  # noqa: SIM115
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step_no,
+            desc="train",
+            unit="step",
+            disable=not ctx.is_main,
+            dynamic_ncols=True,
+        )
+        last: dict[str, float] = {}
+        try:
+            while self.step_no < cfg.max_steps:
+                logs = self.step(loader)
+                step = self.step_no
+                logs["tokens_per_s"] = self.tokens_seen * ctx.world / max(time.perf_counter() - t0, 1e-9)
+                if cfg.eval_every and step % cfg.eval_every == 0 and cfg.eval_fraction > 0:
+                    logs.update(heldout_metrics(ctx, cfg, self.ddp, self.data, self.loss))
+                if metrics_file is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                    metrics_file.write(json.dumps(logs) + "\n")
+                    metrics_file.flush()
+                bar.update(1)
+                bar.set_postfix(_postfix(logs))
+                last = logs
+                if step % cfg.save_every == 0 or step == cfg.max_steps:
+                    self.save(out, tokenizer)
+        finally:
+            bar.close()
+            if metrics_file is not None:
+                metrics_file.close()
+        return last
+
 
 def _postfix(logs: dict[str, float]) -> dict[str, str]:
     losses = {
@@ -397,36 +431,11 @@ def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> 
         truncate_metrics(out / "metrics.jsonl", trainer.step_no)
     stream = data.stream(cfg, ctx, "train", trainer.stream_state)
     loader = Prefetcher(stream, cfg.batch_size, data.pad_id, cfg.prefetch, keep_examples=trainer.teacher is not None)
-    metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None  # noqa: SIM115
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=trainer.step_no,
-        desc="train",
-        unit="step",
-        disable=not ctx.is_main,
-        dynamic_ncols=True,
-    )
-    t0, last = time.perf_counter(), {}
+    t0 = time.perf_counter()
     try:
-        while trainer.step_no < cfg.max_steps:
-            logs = trainer.step(loader)
-            step = trainer.step_no
-            logs["tokens_per_s"] = trainer.tokens_seen * ctx.world / max(time.perf_counter() - t0, 1e-9)
-            if cfg.eval_every and step % cfg.eval_every == 0 and cfg.eval_fraction > 0:
-                logs.update(heldout_metrics(ctx, cfg, trainer.ddp, data, trainer.loss))
-            if metrics_file is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                metrics_file.write(json.dumps(logs) + "\n")
-                metrics_file.flush()
-            bar.update(1)
-            bar.set_postfix(_postfix(logs))
-            last = logs
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                trainer.save(out, tokenizer)
+        last = trainer.run(loader, out, tokenizer, t0)
     finally:
         loader.close()
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
     step = trainer.step_no
     final_eval = {}
     if cfg.eval_fraction > 0 and not (cfg.eval_every and step % cfg.eval_every == 0):
