@@ -182,7 +182,7 @@ def run_stream_collate(path: str, batch: int) -> Result:
     def batches() -> Iterator[int]:
         while True:
             b = collate(list(itertools.islice(it, batch)), 0, stream.cache.top_k, [])
-            yield int(b["teacher_mask"].sum())
+            yield int(b.teacher_mask.sum())
 
     try:
         return _second_pass(batches(), n // batch)
@@ -210,7 +210,7 @@ def run_prefetcher(path: str, batch: int, read_ahead: bool = True, pace: float =
     def batches() -> Iterator[int]:
         while True:
             b, _, _ = next(loader)
-            positions = int(b["teacher_mask"].sum())
+            positions = int(b.teacher_mask.sum())
             if pace:
                 time.sleep(positions / pace)  # a training step that waits on a GPU (GIL released)
             yield positions

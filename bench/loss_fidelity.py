@@ -25,7 +25,9 @@ import time
 import numpy as np
 import torch
 
+from logitcache.distill.batch import Example, collate, distill_batch
 from logitcache.distill.losses import LOSSES, ALMConfig, DistillBatch, KLConfig, MLOTConfig, ULDConfig
+from logitcache.storage import PositionRows
 
 TEXTS: list[tuple[str, str]] = [
     ("The capital of France is", " Paris, a city known for the Eiffel Tower and the Louvre museum."),
@@ -139,24 +141,34 @@ def prepare(limit: int, taus: tuple[float, ...]) -> tuple[list[SeqData], list[Se
 
 
 def batch_of(d: SeqData, k: int | None, same_vocab: bool) -> DistillBatch:
-    """One-sequence batch with the top-k rows (k None: the full distribution)."""
+    """One-sequence batch with the top-k rows (k None: the full distribution), built as training builds it:
+    an ``Example`` (float32 ``PositionRows``, as the cache holds them), ``collate``, ``distill_batch``."""
     lp, ids = d.sorted_lp, d.sorted_ids
     if k is not None:
         lp, ids = lp[:, :k], ids[:, :k]
-    one = {
-        "student_logits": d.s_logits.clone().requires_grad_(True),
-        "student_targets": d.s_targets,
-        "teacher_topk_ids": ids,
-        "teacher_topk_logprobs": lp,
-        "teacher_target_ids": d.t_targets,
-        "teacher_target_logprobs": d.t_lp.gather(1, d.t_targets[:, None])[:, 0],
-        "teacher_lse": d.t_lse,
-        "pairs": d.pairs if len(d.pairs) else None,
-        "chunks": d.chunks if len(d.chunks) else None,
-    }
-    b = DistillBatch.from_sequences([one], same_vocab=same_vocab)
-    b.student_logits.requires_grad_(True)
-    return b
+    rows = PositionRows(
+        topk_ids=ids.numpy(),
+        topk_logprobs=lp.numpy(),
+        target_ids=d.t_targets.numpy(),
+        target_logprobs=d.t_lp.gather(1, d.t_targets[:, None])[:, 0].numpy(),
+        extra_lse={tau: v.numpy() for tau, v in d.t_lse.items()},
+    )
+    targets = d.s_targets.numpy().astype(np.int64)
+    example = Example(
+        sample_id=0,
+        input_ids=np.concatenate([[0], targets]),  # a one-token prompt: student row j sits at position j
+        prompt_len=1,
+        targets=targets,
+        teacher=rows,
+        pairs=d.pairs.numpy().reshape(-1, 2),
+        chunks=d.chunks.numpy().reshape(-1, 4),
+        teacher_token_ids=np.zeros(0, np.int64),
+        teacher_prompt_len=0,
+    )
+    batch = collate([example], pad_id=0, k=ids.shape[1], temperatures=sorted(d.t_lse))
+    z = torch.zeros(1, batch.logits_to_keep, d.s_logits.shape[1], dtype=d.s_logits.dtype)
+    z[0, : len(targets)] = d.s_logits
+    return distill_batch(batch, z.requires_grad_(True), same_vocab=same_vocab)
 
 
 def evaluate(data: list[SeqData], name: str, cfg, k: int | None, same_vocab: bool) -> tuple[float, torch.Tensor]:

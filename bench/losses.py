@@ -27,37 +27,36 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from logitcache.distill.batch import Example, collate, distill_batch
 from logitcache.distill.losses import LOSSES, CombinedLoss, DistillBatch, MLOTConfig, sinkhorn_plan
+from logitcache.storage import PositionRows
 
 
 def make_batch(b: int, t: int, v: int, vt: int, k: int, seed: int = 0) -> DistillBatch:
-    """Random but LM-shaped data: peaked student logits, teacher top-K rows from a peaked distribution."""
+    """Random but LM-shaped data: peaked student logits, teacher top-K rows from a peaked distribution; built as
+    training builds it (``Example``s with the cache's ``PositionRows``, ``collate``, ``distill_batch``)."""
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(b, t, v, generator=g) * 3.0
     tl = torch.randn(b, t, k + 1, generator=g) * 3.0
     lp = torch.log_softmax(tl, -1)[..., :k].sort(-1, descending=True).values  # leaves some tail mass
     ids = torch.stack([torch.randperm(vt, generator=g)[:k] for _ in range(b * t)]).view(b, t, k)
     tgt = torch.randint(0, v, (b, t), generator=g)
     # index pairs are the default; also give "aligned" pairs (every row) and one chunk per row
-    ar = torch.arange(t)
-    pairs = torch.stack([ar, ar], -1).expand(b, t, 2).contiguous()
-    chunks = torch.stack([ar, ar + 1, ar, ar + 1], -1).expand(b, t, 4).contiguous()
-    return DistillBatch(
-        student_logits=logits,
-        student_mask=torch.ones(b, t, dtype=torch.bool),
-        student_targets=tgt,
-        teacher_topk_ids=ids,
-        teacher_topk_logprobs=lp,
-        teacher_target_ids=ids[..., 0],
-        teacher_target_logprobs=lp[..., 0],
-        teacher_mask=torch.ones(b, t, dtype=torch.bool),
-        pairs=pairs,
-        chunks=chunks,
-        same_vocab=vt <= v,
-    )
+    ar = np.arange(t)
+    pairs, chunks = np.stack([ar, ar], -1), np.stack([ar, ar + 1, ar, ar + 1], -1)
+    examples = []
+    for i in range(b):
+        rows = PositionRows(ids[i].numpy(), lp[i].numpy(), ids[i, :, 0].numpy(), lp[i, :, 0].numpy())
+        targets = tgt[i].numpy()
+        examples.append(
+            Example(i, np.concatenate([[0], targets]), 1, targets, rows, pairs, chunks, np.zeros(0, np.int64), 0)
+        )
+    batch = collate(examples, pad_id=0, k=k, temperatures=[])
+    logits = torch.randn(b, batch.logits_to_keep, v, generator=g) * 3.0  # the student forward's, position 0 on
+    return distill_batch(batch, logits, same_vocab=vt <= v)
 
 
 # CPU time of this process: with --threads 1 it measures our work and not the other tenants of the machine

@@ -21,8 +21,8 @@ own peak memory, each calling ``distill.train.run_train`` with the same student,
   the rows);
 - ``offline``, per teacher: ``--loss`` (default ``ce:1,mlot:0.15``, cross-tokenizer) with the teacher rows from
   that teacher's cache;
-- ``online``, per teacher: the same loss with ``teacher=...``: ``_teacher_rows`` recomputes every batch's rows
-  with ``pipeline.backend_hf.score_rows`` (the path ``logitcache train --teacher`` takes).
+- ``online``, per teacher: the same loss with ``teacher=...``: ``run_train`` recomputes every batch's rows with
+  the injected ``pipeline.backend_hf.score_rows`` (the path ``logitcache train --teacher`` takes).
 
 Step time is the interval between consecutive ``optimizer.step`` calls (a global post-hook): loader wait,
 teacher, student forward/backward, losses, clipping, optimizer, logging. ``--warmup`` steps are dropped and the
@@ -158,7 +158,6 @@ def child(args: argparse.Namespace) -> None:
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from logitcache.distill import train as train_mod
     from logitcache.distill.train import TrainConfig, run_train
 
     if args.threads > 0:
@@ -184,14 +183,15 @@ def child(args: argparse.Namespace) -> None:
             raise _Done
 
     teacher_s: list[float] = []
-    inner = train_mod._teacher_rows
 
-    def timed_teacher_rows(*a: Any, **kw: Any) -> None:
+    def timed_score_rows(*a: Any, **kw: Any) -> Any:  # the scorer `logitcache train --teacher` injects, timed
+        from logitcache.pipeline.backend_hf import score_rows  # (imported by the first, untimed warm-up step)
+
         t0 = time.perf_counter()
-        inner(*a, **kw)
+        rows = score_rows(*a, **kw)
         teacher_s.append(time.perf_counter() - t0)
+        return rows
 
-    train_mod._teacher_rows = timed_teacher_rows
     register_optimizer_step_post_hook(hook)
     threading.Thread(target=sampler, daemon=True).start()
     out = Path(args.out)
@@ -212,7 +212,7 @@ def child(args: argparse.Namespace) -> None:
     )
     rss_start = proc.memory_info().rss
     try:
-        run_train(cfg)
+        run_train(cfg, teacher_scorer=timed_score_rows if args.mode == "online" else None)
     except _Done:
         pass
     stop.set()
@@ -236,8 +236,8 @@ def child(args: argparse.Namespace) -> None:
         ),
         flush=True,
     )
-    # skip interpreter teardown: run_train was stopped mid-stream and Prefetcher.close() does not join its thread,
-    # so a batch may still be in flight (seen once: "terminate called without an active exception" at exit)
+    # skip interpreter teardown: run_train was stopped mid-stream (seen once before Prefetcher.close() joined its
+    # thread: "terminate called without an active exception" at exit)
     os._exit(0)
 
 

@@ -15,8 +15,8 @@
 ``(epoch, offset)``. A training stream reads the rank's next shard on a background thread while it yields the
 current one (at most two shards in memory; ``read_ahead=False``: one), so a shard boundary does not stall the
 loader; the order, the errors (raised when their shard is reached) and ``state()`` are those of a plain sequential
-read. ``Prefetcher`` collates batches on a background thread (the readers decompress with the GIL released), so a
-step finds its next batch ready.
+read. ``Prefetcher`` collates batches (``distill.batch.collate``) on a background thread (the readers decompress
+with the GIL released), so a step finds its next batch ready.
 """
 
 from __future__ import annotations
@@ -27,28 +27,16 @@ import threading
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from logitcache.storage import LogitCache, PositionRows, SequenceRecord
+from logitcache.storage import LogitCache, SequenceRecord
 from logitcache.storage.alignment_store import AlignmentRecord, AlignmentStore
 
+from .batch import CollatedBatch, Example, collate
 from .sampling import assign_shards, check_world, is_heldout, shard_permutation, skip
 
-
-@dataclass
-class Example:
-    sample_id: int
-    input_ids: np.ndarray  # int64 [L]: student prompt + completion (+ EOS)
-    prompt_len: int  # P_s
-    targets: np.ndarray  # int64 [Ts]
-    teacher: PositionRows  # [Tt] rows
-    pairs: np.ndarray  # int64 [P, 2]
-    chunks: np.ndarray  # int64 [C, 4]
-    teacher_token_ids: np.ndarray  # the teacher's full sequence (for --teacher online scoring)
-    teacher_prompt_len: int
+__all__ = ["CollatedBatch", "Example", "ExampleStream", "Prefetcher", "collate", "make_example"]
 
 
 def make_example(
@@ -208,62 +196,6 @@ class ExampleStream:
                 pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _pad(arrays: list[np.ndarray], length: int, value: float, dtype: type) -> torch.Tensor:
-    """Right-pad ``[n_i, ...]`` arrays into one ``[B, length, ...]`` tensor (numpy fill, one zero-copy wrap)."""
-    tail = arrays[0].shape[1:] if arrays else ()
-    out = np.empty((len(arrays), length, *tail), dtype=dtype)
-    for b, a in enumerate(arrays):
-        n = len(a)
-        out[b, :n] = a
-        if n < length:  # write the padding only (the largest fields are mostly data)
-            out[b, n:] = value
-    return torch.from_numpy(out)
-
-
-def _mask_np(lengths: list[int], length: int) -> np.ndarray:
-    return np.arange(length)[None, :] < np.asarray(lengths)[:, None]
-
-
-def _mask(lengths: list[int], length: int) -> torch.Tensor:
-    return torch.from_numpy(_mask_np(lengths, length))
-
-
-def collate(examples: list[Example], pad_id: int, k: int, temperatures: list[float]) -> dict[str, torch.Tensor]:
-    """Padded tensors for ``DistillBatch`` (minus the student logits) and for the student forward.
-
-    Teacher top-k ids stay int32 on the host (the largest field); ``train.student_batch`` widens them on the device.
-    """
-    lens = [len(e.input_ids) for e in examples]
-    n_s = [len(e.targets) for e in examples]
-    teachers = [e.teacher for e in examples]
-    n_t = [t.n for t in teachers]
-    n_p = [len(e.pairs) for e in examples]
-    n_c = [len(e.chunks) for e in examples]
-    ts, tt, tp, tc = max(n_s), max(max(n_t), 1), max(max(n_p), 1), max(max(n_c), 1)
-    s_mask = _mask_np(n_s, ts)
-    plens = np.asarray([e.prompt_len for e in examples], np.int64)
-    batch = {
-        "input_ids": _pad([e.input_ids for e in examples], max(lens), pad_id, np.int64),
-        "attention_mask": torch.from_numpy(_mask_np(lens, max(lens)).astype(np.int64)),
-        "row_positions": torch.from_numpy(np.where(s_mask, plens[:, None] - 1 + np.arange(ts), 0)),
-        "student_targets": _pad([e.targets for e in examples], ts, -100, np.int64),
-        "student_mask": torch.from_numpy(s_mask),
-        "teacher_topk_ids": _pad([t.topk_ids.reshape(-1, k) for t in teachers], tt, 0, np.int32),
-        "teacher_topk_logprobs": _pad([t.topk_logprobs.reshape(-1, k) for t in teachers], tt, -np.inf, np.float32),
-        "teacher_target_ids": _pad([t.target_ids for t in teachers], tt, 0, np.int64),
-        "teacher_target_logprobs": _pad([t.target_logprobs for t in teachers], tt, 0.0, np.float32),
-        "teacher_mask": _mask(n_t, tt),
-        "pairs": _pad([e.pairs.reshape(-1, 2) for e in examples], tp, 0, np.int64),
-        "pair_mask": _mask(n_p, tp),
-        "chunks": _pad([e.chunks.reshape(-1, 4) for e in examples], tc, 0, np.int64),
-        "chunk_mask": _mask(n_c, tc),
-        "sample_ids": torch.as_tensor([e.sample_id for e in examples], dtype=torch.long),
-    }
-    for tau in temperatures:
-        batch[f"lse@{tau:g}"] = _pad([t.extra_lse[tau] for t in teachers], tt, 0.0, np.float32)
-    return batch
-
-
 class Prefetcher:
     """Collate batches of ``batch_size`` examples on a background thread, ``depth`` batches ahead.
 
@@ -321,7 +253,7 @@ class Prefetcher:
     def __iter__(self) -> Prefetcher:
         return self
 
-    def __next__(self) -> tuple[dict[str, torch.Tensor], dict[str, int], list[Example] | None]:
+    def __next__(self) -> tuple[CollatedBatch, dict[str, int], list[Example] | None]:
         item = self._queue.get()
         if item is None:
             raise StopIteration
@@ -330,7 +262,7 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
-        """Stop the thread and wait for it, so no batch is in flight when the process exits."""
+        """Stop the thread and join it (and with it the stream's read-ahead), so no batch is in flight after."""
         self._stop.set()
         while self._thread.is_alive():
             try:

@@ -10,7 +10,6 @@ either side is loss-span position ``r`` (row indices are relative to the start o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -36,6 +35,9 @@ NEG = -1.0e30
 @dataclass
 class DistillBatch:
     """One padded batch: student logits over the loss span, the teacher's sparse cached rows, the alignment.
+
+    Built by ``distill.batch.distill_batch`` from a collated batch and the student's logits (training, the loss
+    tests and the loss benches alike: one padding path).
 
     Student side
       - ``student_logits`` float [B, Ts, V]: row j predicts student completion token j. Padded rows must be
@@ -149,67 +151,6 @@ class DistillBatch:
                 v = {k: t.to(device) for k, t in v.items()}
             kw[f.name] = v
         return DistillBatch(**kw)
-
-    @classmethod
-    def from_sequences(
-        cls, seqs: Sequence[Mapping[str, object]], *, same_vocab: bool = False, pad_logit: float = 0.0
-    ) -> DistillBatch:
-        """Pad unbatched per-sequence tensors into one batch (right padding; masks mark the real rows).
-
-        Each mapping holds ``student_logits`` [Ts_b, V], ``student_targets`` [Ts_b], ``teacher_topk_ids``
-        [Tt_b, K], ``teacher_topk_logprobs`` [Tt_b, K], ``teacher_target_ids`` [Tt_b],
-        ``teacher_target_logprobs`` [Tt_b], and optionally ``teacher_lse`` {tau: [Tt_b]}, ``pairs`` [P_b, 2],
-        ``chunks`` [C_b, 4]. Pads: logits ``pad_logit``, targets -100, ids 0, logprobs -inf, pairs/chunks 0.
-        """
-        if not seqs:
-            raise ValueError("from_sequences needs at least one sequence")
-
-        def pad(key: str, value: float, length: int) -> tuple[Tensor, Tensor]:
-            return pad_list([torch.as_tensor(s[key]) for s in seqs], value, length)
-
-        ls = max(torch.as_tensor(s["student_logits"]).shape[0] for s in seqs)
-        lt = max(torch.as_tensor(s["teacher_topk_ids"]).shape[0] for s in seqs)
-        logits, smask = pad("student_logits", pad_logit, ls)
-        targets, _ = pad("student_targets", -100, ls)
-        ids, tmask = pad("teacher_topk_ids", 0, lt)
-        lps, _ = pad("teacher_topk_logprobs", float("-inf"), lt)
-        tids, _ = pad("teacher_target_ids", 0, lt)
-        tlps, _ = pad("teacher_target_logprobs", 0.0, lt)
-        kw: dict[str, object] = {}
-        if all(s.get("teacher_lse") is not None for s in seqs):
-            taus = set.intersection(*(set(s["teacher_lse"]) for s in seqs))  # type: ignore[arg-type]
-            lse = {}
-            for tau in taus:
-                rows = [s["teacher_lse"][tau] for s in seqs]  # type: ignore[index]
-                lse[tau] = pad_list(rows, 0.0, lt)[0]
-            kw["teacher_lse"] = lse
-        for key, mkey in (("pairs", "pair_mask"), ("chunks", "chunk_mask")):
-            if all(s.get(key) is not None for s in seqs):
-                rows = [torch.as_tensor(s[key]) for s in seqs]
-                kw[key], kw[mkey] = pad_list(rows, 0, max(1, max(r.shape[0] for r in rows)))
-        return cls(
-            student_logits=logits,
-            student_mask=smask,
-            student_targets=targets,
-            teacher_topk_ids=ids,
-            teacher_topk_logprobs=lps,
-            teacher_target_ids=tids,
-            teacher_target_logprobs=tlps,
-            teacher_mask=tmask,
-            same_vocab=same_vocab,
-            **kw,  # type: ignore[arg-type]
-        )
-
-
-def pad_list(rows: Sequence[Tensor], value: float, length: int) -> tuple[Tensor, Tensor]:
-    """Stack ``[L_b, *rest]`` tensors into ``[B, length, *rest]`` plus a bool mask [B, length]."""
-    rows = [torch.as_tensor(r) for r in rows]
-    out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), value)
-    mask = torch.zeros(len(rows), length, dtype=torch.bool, device=rows[0].device)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-        mask[i, : r.shape[0]] = True
-    return out, mask
 
 
 @dataclass

@@ -1,83 +1,98 @@
 """Stage three: train a student from the cache (``logitcache train``), with no teacher in memory.
 
-One process per rank (plain ``python`` or ``torchrun``; DDP with gloo on CPU, nccl on GPU). Each rank streams its
-own cache shards (``distill.data``) joined with the alignment store of the student's tokenizer, runs the student
-forward, gathers the logits of its loss-span rows, and applies the weighted losses (``distill.losses``). AdamW
-with warmup and cosine/linear decay, gradient accumulation, clipping, bf16 autocast on GPU. Every ``--eval-every``
-steps the held-out split gives loss and perplexity; every ``--save-every`` steps a checkpoint holds the student
-(``save_pretrained``), optimizer, scheduler, each rank's stream position and RNG states; ``--resume`` continues the
-same stream and reproduces an uninterrupted run's losses on CPU.
+One process per rank (plain ``python`` or ``torchrun``; ``distill.context``). Each rank streams its own cache
+shards (``distill.data``) joined with the alignment store of the student's tokenizer, runs the student forward
+and turns the logits of its loss-span rows into a ``DistillBatch`` (``distill.batch``), and applies the weighted
+losses (``distill.losses``). AdamW with warmup and cosine/linear decay, gradient accumulation, clipping, bf16
+autocast on GPU. Every ``--eval-every`` steps the held-out split gives loss and perplexity
+(``heldout_metrics``); every ``--save-every`` steps a checkpoint (``distill.checkpoint``) holds what
+``--resume`` needs to continue the same stream and reproduce an uninterrupted run's losses on CPU.
 
 ``--teacher M`` recomputes the teacher rows online (same K, same sequences) instead of reading them, for honest
-offline-vs-online comparisons; it is the only path that loads a teacher (``pipeline.backend_hf``).
+offline-vs-online comparisons. The scorer is injected (``run_train(cfg, teacher_scorer=...)``; the CLI passes
+``pipeline.backend_hf.score_rows``), so ``distill`` never imports ``pipeline``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import shutil
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from logitcache.config import ConfigError, to_dict
-from logitcache.storage import LogitCache
+from logitcache.config import ConfigError
+from logitcache.storage import LogitCache, PositionRows
 from logitcache.storage.alignment_store import AlignmentStore, list_stores, store_key
 
+from .batch import CollatedBatch, Example, student_forward
+from .checkpoint import (
+    Resumed,
+    check_resume,
+    data_identity,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    seed_all,
+    truncate_metrics,
+    write_run_files,
+)
+from .context import RunContext
 from .data import ExampleStream, Prefetcher
-from .losses import CombinedLoss, DistillBatch, parse_loss_spec
+from .losses import CombinedLoss, parse_loss_spec
 from .train_config import TrainConfig
 
-#: config fields a resumed run must share with the run it resumes
-RESUME_FIELDS = (
-    "cache",
-    "student",
-    "loss",
-    "loss_config",
-    "pairing",
-    "batch_size",
-    "grad_accum",
-    "lr",
-    "weight_decay",
-    "warmup_steps",
-    "schedule",
-    "min_lr_ratio",
-    "max_grad_norm",
-    "max_length",
-    "seed",
-    "eval_fraction",
-    "teacher",
-)
+__all__ = ["TeacherScorer", "TrainConfig", "heldout_metrics", "latest_checkpoint", "lr_factor", "run_train"]
+
+#: online mode's teacher: ``(model, token_ids, prompt_lens, k, extra_temperatures=...) -> rows per sequence``
+#: (``logitcache.pipeline.backend_hf.score_rows``)
+TeacherScorer = Callable[..., Sequence[PositionRows]]
 
 
 
 
-# -- distributed -----------------------------------------------------------------------------------------------
-def _dist() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+@dataclass
+class TrainData:
+    """What a run reads: the cache, the student's alignment store, and the student tokenizer's special ids."""
+
+    cache: LogitCache
+    store: AlignmentStore
+    same_vocab: bool  # teacher and student share one vocabulary
+    pad_id: int
+    eos_id: int | None
+
+    @property
+    def temperatures(self) -> list[float]:
+        return list(self.cache.header.extra_temperatures)
+
+    def stream(
+        self, cfg: TrainConfig, ctx: RunContext, split: str, state: dict[str, int] | None = None
+    ) -> ExampleStream:
+        """The rank's example stream of ``split`` ("train" from a resume position, or "eval")."""
+        state = state or {}
+        return ExampleStream(
+            self.cache,
+            self.store,
+            rank=ctx.rank,
+            world_size=ctx.world,
+            seed=cfg.seed,
+            split=split,
+            heldout_fraction=cfg.eval_fraction,
+            max_length=cfg.max_length,
+            eos_id=self.eos_id,
+            epoch=state.get("epoch", 0),
+            offset=state.get("offset", 0),
+        )
 
 
-def _all_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-# -- setup -----------------------------------------------------------------------------------------------------
-def open_inputs(cfg: TrainConfig, tokenizer: Any) -> tuple[LogitCache, AlignmentStore, bool]:
-    """The cache, the student's alignment store, and whether teacher and student share a vocabulary."""
+def open_inputs(cfg: TrainConfig, tokenizer: Any) -> TrainData:
+    """The cache (verified), the student's alignment store, and whether teacher and student share a vocabulary."""
     from logitcache.storage import verify_cache
     from logitcache.tokenization import tokenizer_fingerprint
 
@@ -111,7 +126,9 @@ def open_inputs(cfg: TrainConfig, tokenizer: Any) -> tuple[LogitCache, Alignment
                 f"--loss {name}: KL needs the teacher's vocabulary, but the student's tokenizer differs "
                 "from the teacher's; use uld, mlot or alm for cross-tokenizer distillation"
             )
-    return cache, store, same_vocab
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id or 0)
+    return TrainData(cache, store, same_vocab, pad_id, eos_id)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -124,193 +141,51 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
-def student_batch(
-    model: Any, batch: dict[str, torch.Tensor], same_vocab: bool, temps: list[float], device: torch.device
-) -> DistillBatch:
-    """Run the student and build the ``DistillBatch`` of this collated batch."""
-    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    first = int(b["row_positions"][b["student_mask"]].min()) if b["student_mask"].any() else 0
-    keep = b["input_ids"].shape[1] - first
-    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=keep)
-    rows = (b["row_positions"] - first).clamp(min=0)
-    logits = torch.gather(out.logits, 1, rows[..., None].expand(-1, -1, out.logits.shape[-1]))
-    lse = {t: b[f"lse@{t:g}"] for t in temps} or None
-    return DistillBatch(
-        student_logits=logits,
-        student_mask=b["student_mask"],
-        student_targets=b["student_targets"],
-        teacher_topk_ids=b["teacher_topk_ids"].long(),
-        teacher_topk_logprobs=b["teacher_topk_logprobs"],
-        teacher_target_ids=b["teacher_target_ids"],
-        teacher_target_logprobs=b["teacher_target_logprobs"],
-        teacher_mask=b["teacher_mask"],
-        teacher_lse=lse,
-        pairs=b["pairs"],
-        pair_mask=b["pair_mask"],
-        chunks=b["chunks"],
-        chunk_mask=b["chunk_mask"],
-        same_vocab=same_vocab,
-    )
-
-
-# -- checkpoints -------------------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
-    complete = [p for p in ckpts if (p / "trainer.pt").exists()]
-    return complete[-1] if complete else None
-
-
-def save_checkpoint(
-    out: Path,
-    step: int,
-    model: Any,
-    tokenizer: Any,
-    optimizer: Any,
-    scheduler: Any,
-    states: list[dict[str, int]],
-    rank: int,
-    keep: int,
-) -> Path:
-    """Rank 0 writes the checkpoint into a temporary folder and renames it; every rank adds its RNG state first."""
-    final = out / "checkpoints" / f"step-{step:07d}"
-    staging = out / "checkpoints" / f".tmp-step-{step:07d}"
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    torch.save(_rng_state(), staging / f"rng-rank{rank}.pt")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    if rank == 0:
-        (model.module if hasattr(model, "module") else model).save_pretrained(staging / "student")
-        tokenizer.save_pretrained(staging / "student")
-        torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "streams": states},
-            staging / "trainer.pt",
-        )
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(staging, final)
-        for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return final
-
-
-def check_resume(cfg: TrainConfig, out: Path) -> None:
-    saved = json.loads((out / "config.json").read_text())
-    now = to_dict(cfg)
-    diffs = [
-        f"--{k.replace('_', '-')} ({saved.get(k)!r} then, {now.get(k)!r} now)"
-        for k in RESUME_FIELDS
-        if saved.get(k) != now.get(k)
-    ]
-    if diffs:
-        raise ConfigError(f"--resume: {out} was trained with a different config: {'; '.join(diffs)}")
-
-
-# -- the loop ----------------------------------------------------------------------------------------------------
-def _teacher_rows(
-    teacher: Any, examples: list[Any], batch: dict[str, torch.Tensor], k: int, temps: list[float]
+def refresh_teacher_rows(
+    scorer: TeacherScorer, teacher: Any, examples: list[Example], batch: CollatedBatch, k: int, temps: list[float]
 ) -> None:
-    """Online mode: overwrite the batch's cached teacher rows (and lse@tau) with freshly computed ones."""
-    from logitcache.pipeline.backend_hf import score_rows  # the one place train touches a teacher
-
-    ids = [e.teacher_token_ids for e in examples]
+    """Online mode: overwrite the batch's cached teacher rows (and lse) with freshly computed ones."""
     with torch.inference_mode():
-        rows = score_rows(teacher, ids, [e.teacher_prompt_len for e in examples], k, extra_temperatures=temps)
+        rows = scorer(
+            teacher,
+            [e.teacher_token_ids for e in examples],
+            [e.teacher_prompt_len for e in examples],
+            k,
+            extra_temperatures=temps,
+        )
     for b, r in enumerate(rows):
-        n = r.n
-        batch["teacher_topk_ids"][b, :n] = torch.as_tensor(r.topk_ids)
-        batch["teacher_topk_logprobs"][b, :n] = torch.as_tensor(r.topk_logprobs)
-        batch["teacher_target_ids"][b, :n] = torch.as_tensor(r.target_ids, dtype=torch.long)
-        batch["teacher_target_logprobs"][b, :n] = torch.as_tensor(r.target_logprobs)
-        for tau in temps:
-            batch[f"lse@{tau:g}"][b, :n] = torch.as_tensor(r.extra_lse[tau])
+        batch.set_teacher_rows(b, r)
 
 
-def make_stream(
-    cfg: TrainConfig,
-    cache: LogitCache,
-    store: AlignmentStore,
-    split: str,
-    rank: int,
-    world: int,
-    eos_id: int | None,
-    epoch: int = 0,
-    offset: int = 0,
-) -> ExampleStream:
-    """The rank's example stream of ``split`` ("train" from a resume position, or "eval")."""
-    return ExampleStream(
-        cache,
-        store,
-        rank=rank,
-        world_size=world,
-        seed=cfg.seed,
-        split=split,
-        heldout_fraction=cfg.eval_fraction,
-        max_length=cfg.max_length,
-        eos_id=eos_id,
-        epoch=epoch,
-        offset=offset,
-    )
-
-
-def evaluate(
-    cfg: TrainConfig,
-    model: Any,
-    cache: LogitCache,
-    store: AlignmentStore,
-    loss: CombinedLoss,
-    same_vocab: bool,
-    pad_id: int,
-    eos_id: int | None,
-    rank: int,
-    world: int,
-    device: torch.device,
-    autocast: Any,
+def heldout_metrics(
+    ctx: RunContext, cfg: TrainConfig, model: Any, data: TrainData, loss: CombinedLoss
 ) -> dict[str, float]:
-    stream = make_stream(cfg, cache, store, "eval", rank, world, eos_id)
+    """Loss, CE and perplexity of the student on the held-out split (every rank its share, summed over ranks)."""
     sums = [0.0, 0.0, 0.0, 0.0]  # ce * tokens, tokens, total * sequences, sequences
     model.eval()
-    with torch.no_grad():
-        for n, (batch, _, _) in enumerate(Prefetcher(stream, cfg.batch_size, pad_id, cfg.prefetch)):
-            if cfg.eval_batches is not None and n >= cfg.eval_batches:
-                break
-            with autocast():
-                db = student_batch(model, batch, same_vocab, list(cache.header.extra_temperatures), device)
-            out = loss(db)
-            tokens = float(db.student_mask.sum())
-            ce = torch.nn.functional.cross_entropy(
-                db.student_logits.float().flatten(0, 1),
-                db.student_targets.flatten(),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            sums = [
-                sums[0] + float(ce),
-                sums[1] + tokens,
-                sums[2] + float(out.total) * len(batch["sample_ids"]),
-                sums[3] + len(batch["sample_ids"]),
-            ]
+    loader = Prefetcher(data.stream(cfg, ctx, "eval"), cfg.batch_size, data.pad_id, cfg.prefetch)
+    try:
+        with torch.no_grad():
+            for n, (batch, _, _) in enumerate(loader):
+                if cfg.eval_batches is not None and n >= cfg.eval_batches:
+                    break
+                with ctx.autocast():
+                    db = student_forward(model, batch, same_vocab=data.same_vocab)
+                out = loss(db)
+                ce = torch.nn.functional.cross_entropy(
+                    db.student_logits.float().flatten(0, 1),
+                    db.student_targets.flatten(),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+                sums[0] += float(ce)
+                sums[1] += float(db.student_mask.sum())
+                sums[2] += float(out.total) * batch.batch_size
+                sums[3] += batch.batch_size
+    finally:
+        loader.close()
     model.train()
-    s = _all_sum(sums, device)
+    s = ctx.all_sum(sums)
     if s[1] == 0:
         return {}
     return {
@@ -321,169 +196,190 @@ def evaluate(
     }
 
 
-def run_train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train; returns the final summary (rank 0's view)."""
-    from logitcache.models import load_model, load_tokenizer
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    rank, world, local_rank = _dist()
-    device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+def _prepare_out(cfg: TrainConfig, ctx: RunContext, identity: dict[str, Any]) -> Path | None:
+    """Check ``--out`` against ``--resume``/``--overwrite``; the checkpoint to resume from, if any."""
     out = Path(cfg.out)
     resume_from = None
-    if out.exists() and (out / "config.json").exists():
+    if (out / "config.json").exists():
         if cfg.resume:
-            check_resume(cfg, out)
+            check_resume(cfg, out, identity)
             resume_from = latest_checkpoint(out)
         elif not cfg.overwrite:
             raise ConfigError(f"--out {out} holds another run; pass --resume to continue it or --overwrite")
-        elif rank == 0:
+        elif ctx.is_main:
             shutil.rmtree(out)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    ctx.barrier()
+    return resume_from
+
+
+class _Trainer:
+    """One run's moving parts; ``step()`` is one optimizer step over ``grad_accum`` micro-batches."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        ctx: RunContext,
+        data: TrainData,
+        model: Any,
+        loss: CombinedLoss,
+        teacher: tuple[Any, TeacherScorer] | None = None,
+    ) -> None:
+        self.cfg, self.ctx, self.data, self.model, self.loss = cfg, ctx, data, model, loss
+        self.teacher, self.scorer = teacher or (None, None)
+        self.ddp = ctx.wrap(model)
+        # fused: one kernel over all parameters (CPU and GPU); the per-tensor loop costs ~1 s/step for 135M on CPU
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.step_no, self.stream_state = 0, {"epoch": 0, "offset": 0}
+        self.samples: list[int] = []
+        self.tokens_seen = 0
+
+    def resume(self, state: Resumed) -> None:
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.step_no, self.stream_state = state.step, state.stream
+
+    def step(self, loader: Prefetcher) -> dict[str, float]:
+        cfg, logs, step_tokens = self.cfg, {}, 0
+        for micro in range(cfg.grad_accum):
+            batch, self.stream_state, examples = next(loader)
+            if self.teacher is not None:
+                assert self.scorer is not None and examples is not None
+                temps = self.data.temperatures
+                refresh_teacher_rows(self.scorer, self.teacher, examples, batch, self.data.cache.top_k, temps)
+            self.samples += batch.sample_ids.tolist()
+            with self.ctx.accumulating(self.ddp, sync=micro == cfg.grad_accum - 1), self.ctx.autocast():
+                db = student_forward(self.ddp, batch, same_vocab=self.data.same_vocab)
+                result = self.loss(db)
+            (result.total / cfg.grad_accum).backward()
+            step_tokens += int(db.student_mask.sum())
+            for key, v in result.log().items():
+                logs[key] = logs.get(key, 0.0) + v / cfg.grad_accum
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            if cfg.max_grad_norm > 0
+            else torch.tensor(0.0)
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_no += 1
+        self.tokens_seen += step_tokens
+        lr = self.scheduler.get_last_lr()[0]
+        logs.update({"step": self.step_no, "lr": lr, "grad_norm": float(grad_norm), "tokens": step_tokens})
+        return logs
+
+    def save(self, out: Path, tokenizer: Any) -> Path:
+        """A checkpoint after this step (every rank calls it)."""
+        return save_checkpoint(
+            self.ctx,
+            out,
+            self.step_no,
+            self.ddp,
+            tokenizer,
+            self.optimizer,
+            self.scheduler,
+            self.stream_state,
+            self.cfg.keep_checkpoints,
+        )
+
+    def run(self, loader: Prefetcher, out: Path, tokenizer: Any, t0: float) -> dict[str, float]:
+        """Step until ``--max-steps``: log, evaluate and checkpoint on schedule; returns the last step's logs."""
+        cfg, ctx = self.cfg, self.ctx
+        metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None  # noqa: SIM115
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step_no,
+            desc="train",
+            unit="step",
+            disable=not ctx.is_main,
+            dynamic_ncols=True,
+        )
+        last: dict[str, float] = {}
+        try:
+            while self.step_no < cfg.max_steps:
+                logs = self.step(loader)
+                step = self.step_no
+                logs["tokens_per_s"] = self.tokens_seen * ctx.world / max(time.perf_counter() - t0, 1e-9)
+                if cfg.eval_every and step % cfg.eval_every == 0 and cfg.eval_fraction > 0:
+                    logs.update(heldout_metrics(ctx, cfg, self.ddp, self.data, self.loss))
+                if metrics_file is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                    metrics_file.write(json.dumps(logs) + "\n")
+                    metrics_file.flush()
+                bar.update(1)
+                bar.set_postfix(_postfix(logs))
+                last = logs
+                if step % cfg.save_every == 0 or step == cfg.max_steps:
+                    self.save(out, tokenizer)
+        finally:
+            bar.close()
+            if metrics_file is not None:
+                metrics_file.close()
+        return last
+
+
+def _postfix(logs: dict[str, float]) -> dict[str, str]:
+    losses = {
+        k.removeprefix("loss/"): f"{v:.3g}"
+        for k, v in logs.items()
+        if k == "loss" or (k.count("/") == 1 and k.startswith("loss/"))
+    }
+    return losses | {"tok/s": f"{logs['tokens_per_s']:.0f}"}
+
+
+def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> dict[str, Any]:
+    """Train; returns the final summary (rank 0's view). ``teacher_scorer``: online mode's scorer (``--teacher``)."""
+    from logitcache.models import load_model, load_tokenizer
+
+    if cfg.teacher and teacher_scorer is None:
+        raise ConfigError(
+            "--teacher: online mode needs a teacher scorer; run `logitcache train --teacher ...` or pass "
+            "run_train(cfg, teacher_scorer=logitcache.pipeline.backend_hf.score_rows)"
+        )
+    ctx = RunContext.setup(cfg.device, cfg.dtype, cfg.threads)
+    out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.student)
-    cache, store, same_vocab = open_inputs(cfg, tokenizer)
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id or 0)
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    model = load_model(str(resume_from / "student") if resume_from else cfg.student, dtype="float32", device=device)
+    data = open_inputs(cfg, tokenizer)
+    identity = data_identity(data.cache, data.store)
+    resume_from = _prepare_out(cfg, ctx, identity)
+    seed_all(cfg.seed + ctx.rank)
+    student = str(resume_from / "student") if resume_from else cfg.student
+    model = load_model(student, dtype="float32", device=ctx.device)
     model.train()
     teacher = None
-    if cfg.teacher:
+    if cfg.teacher and teacher_scorer is not None:
         # the teacher runs in the student's compute dtype (bf16 on GPU), as an online setup would
-        teacher = load_model(cfg.teacher, dtype="bfloat16" if device.type == "cuda" else "float32", device=device)
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    # fused: one kernel over all parameters (CPU and GPU); the per-tensor loop costs ~1 s/step for 135M params on CPU
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    loss = CombinedLoss(cfg.loss, cfg.loss_configs())
-    step, stream_state = 0, {"epoch": 0, "offset": 0}
+        dtype = "bfloat16" if ctx.device.type == "cuda" else "float32"
+        teacher = (load_model(cfg.teacher, dtype=dtype, device=ctx.device), teacher_scorer)
+    trainer = _Trainer(cfg, ctx, data, model, CombinedLoss(cfg.loss, cfg.loss_configs()), teacher)
     if resume_from is not None:
-        state = torch.load(resume_from / "trainer.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        if len(state["streams"]) != world:
-            raise ConfigError(f"--resume: the checkpoint has {len(state['streams'])} ranks, this run has {world}")
-        stream_state = state["streams"][rank]
-        _set_rng_state(torch.load(resume_from / f"rng-rank{rank}.pt", weights_only=False))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        _truncate_metrics(out / "metrics.jsonl", step)
-    stream = make_stream(cfg, cache, store, "train", rank, world, eos_id, stream_state["epoch"], stream_state["offset"])
-    loader = Prefetcher(stream, cfg.batch_size, pad_id, cfg.prefetch, keep_examples=teacher is not None)
-    temps = list(cache.header.extra_temperatures)
-    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
-    t0, tokens_seen, last = time.perf_counter(), 0, {}
-    sample_log: list[int] = []
+        trainer.resume(load_checkpoint(ctx, resume_from))
+    if ctx.is_main:
+        write_run_files(cfg, out, identity)
+        truncate_metrics(out / "metrics.jsonl", trainer.step_no)
+    stream = data.stream(cfg, ctx, "train", trainer.stream_state)
+    loader = Prefetcher(stream, cfg.batch_size, data.pad_id, cfg.prefetch, keep_examples=trainer.teacher is not None)
+    t0 = time.perf_counter()
     try:
-        while step < cfg.max_steps:
-            logs: dict[str, float] = {}
-            step_tokens = 0
-            for micro in range(cfg.grad_accum):
-                batch, stream_state, examples = next(loader)
-                if teacher is not None:
-                    _teacher_rows(teacher, examples, batch, cache.top_k, temps)
-                sample_log += batch["sample_ids"].tolist()
-                sync = micro == cfg.grad_accum - 1 or world == 1
-                ctx = ddp.no_sync() if not sync and world > 1 else _null()
-                with ctx, autocast():
-                    db = student_batch(ddp, batch, same_vocab, temps, device)
-                    result = loss(db)
-                (result.total / cfg.grad_accum).backward()
-                step_tokens += int(db.student_mask.sum())
-                for key, v in result.log().items():
-                    logs[key] = logs.get(key, 0.0) + v / cfg.grad_accum
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                if cfg.max_grad_norm > 0
-                else torch.tensor(0.0)
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += step_tokens
-            elapsed = time.perf_counter() - t0
-            logs.update(
-                {
-                    "step": step,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "tokens": step_tokens,
-                    "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9),
-                }
-            )
-            if cfg.eval_every and step % cfg.eval_every == 0 and cfg.eval_fraction > 0:
-                logs.update(
-                    evaluate(cfg, ddp, cache, store, loss, same_vocab, pad_id, eos_id, rank, world, device, autocast)
-                )
-            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                metrics_file.write(json.dumps(logs) + "\n")
-                metrics_file.flush()
-            bar.update(1)
-            bar.set_postfix(
-                {
-                    k.removeprefix("loss/"): f"{v:.3g}"
-                    for k, v in logs.items()
-                    if k == "loss" or (k.startswith("loss/") and k.count("/") == 1)
-                }
-                | {"tok/s": f"{logs['tokens_per_s']:.0f}"}
-            )
-            last = logs
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                states = [stream_state]
-                if torch.distributed.is_initialized():
-                    states = [None] * world
-                    torch.distributed.all_gather_object(states, stream_state)
-                save_checkpoint(out, step, ddp, tokenizer, optimizer, scheduler, states, rank, cfg.keep_checkpoints)
+        last = trainer.run(loader, out, tokenizer, t0)
     finally:
         loader.close()
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+    step = trainer.step_no
     final_eval = {}
     if cfg.eval_fraction > 0 and not (cfg.eval_every and step % cfg.eval_every == 0):
-        final_eval = evaluate(cfg, ddp, cache, store, loss, same_vocab, pad_id, eos_id, rank, world, device, autocast)
-    with open(out / f"samples-rank{rank}.txt", "a") as f:
-        f.write("".join(f"{s}\n" for s in sample_log))
+        final_eval = heldout_metrics(ctx, cfg, trainer.ddp, data, trainer.loss)
+    with open(out / f"samples-rank{ctx.rank}.txt", "a") as f:
+        f.write("".join(f"{s}\n" for s in trainer.samples))
     summary = {
         "steps": step,
         "seconds": time.perf_counter() - t0,
-        "tokens": tokens_seen * world,
+        "tokens": trainer.tokens_seen * ctx.world,
         "last": last,
         "eval": final_eval or {k: v for k, v in last.items() if k.startswith("eval/")},
         "checkpoint": str(latest_checkpoint(out)),
         "skipped_overlong": stream.skipped_overlong,
-        "teacher_loaded": teacher is not None,
+        "teacher_loaded": trainer.teacher is not None,
     }
-    if rank == 0:
+    if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past ``step`` (a resumed run rewrites them), atomically."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

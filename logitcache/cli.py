@@ -160,7 +160,10 @@ def train(config_file: str | None, **flags: Any) -> None:
     cfg = from_sources(TrainConfig, flags, config_file)
     from logitcache.distill.train import run_train
 
-    s = run_train(cfg)
+    scorer = None
+    if cfg.teacher:  # online mode: the one path that scores with a teacher (distill never imports pipeline)
+        from logitcache.pipeline.backend_hf import score_rows as scorer
+    s = run_train(cfg, teacher_scorer=scorer)
     ev = s["eval"]
     click.echo(
         f"train: {s['steps']} steps, {s['tokens']} student tokens in {s['seconds']:.1f}s; last loss "

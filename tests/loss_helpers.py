@@ -1,14 +1,22 @@
 """Shared builders for the loss tests: random sequences with their FULL teacher distributions (so dense
-references can be written from the formulas) and the sparse batch the losses see."""
+references can be written from the formulas) and the sparse batch the losses see.
+
+The batch is built the way training builds it: each sequence becomes an ``Example`` (the teacher's top-K rows
+as the cache's ``PositionRows``, float32 like the cache; the student's targets behind a one-token prompt), the
+examples go through ``collate``, and ``distill_batch`` gathers the student's rows out of per-position logits.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from logitcache.distill.batch import CollatedBatch, Example, collate, distill_batch
 from logitcache.distill.losses import DistillBatch
+from logitcache.storage import PositionRows
 
 
 @dataclass
@@ -82,8 +90,8 @@ def make_seq(
     )
 
 
-def sparse_dict(s: Seq, k: int, taus: tuple[float, ...] = ()) -> dict:
-    """The cache's view of a sequence: top-K rows (padded with id 0 / -inf when K > Vt)."""
+def example_of(s: Seq, k: int, taus: tuple[float, ...] = (), sample_id: int = 0) -> Example:
+    """The cache's view of a sequence: top-K rows (padded with id 0 / -inf when K > Vt), lse at (1, *taus)."""
     tt, vt = s.teacher_full.shape
     kk = min(k, vt)
     lp, ids = s.teacher_full.sort(-1, descending=True)
@@ -91,25 +99,54 @@ def sparse_dict(s: Seq, k: int, taus: tuple[float, ...] = ()) -> dict:
     if k > kk:
         lp = torch.cat([lp, torch.full((tt, k - kk), float("-inf"), dtype=lp.dtype)], 1)
         ids = torch.cat([ids, torch.zeros(tt, k - kk, dtype=ids.dtype)], 1)
-    d = {
-        "student_logits": s.student_logits,
-        "student_targets": s.student_targets,
-        "teacher_topk_ids": ids,
-        "teacher_topk_logprobs": lp,
-        "teacher_target_ids": s.teacher_targets,
-        "teacher_target_logprobs": s.teacher_full.gather(1, s.teacher_targets[:, None])[:, 0],
-        "pairs": s.pairs,
-        "chunks": s.chunks,
-    }
-    if taus:
-        d["teacher_lse"] = {tau: torch.logsumexp(s.teacher_logits / tau, -1) for tau in (1.0, *taus)}
-    return d
+    lse = {tau: torch.logsumexp(s.teacher_logits / tau, -1).numpy() for tau in (1.0, *taus)} if taus else {}
+    rows = PositionRows(
+        topk_ids=ids.numpy(),
+        topk_logprobs=lp.numpy(),
+        target_ids=s.teacher_targets.numpy(),
+        target_logprobs=s.teacher_full.gather(1, s.teacher_targets[:, None])[:, 0].numpy(),
+        extra_lse=lse,
+    )
+    targets = s.student_targets.numpy().astype(np.int64)
+    return Example(
+        sample_id=sample_id,
+        input_ids=np.concatenate([[0], targets]),  # a one-token prompt: student row j sits at position j
+        prompt_len=1,
+        targets=targets,
+        teacher=rows,
+        pairs=s.pairs.numpy().astype(np.int64).reshape(-1, 2),
+        chunks=s.chunks.numpy().astype(np.int64).reshape(-1, 4),
+        teacher_token_ids=np.zeros(0, np.int64),
+        teacher_prompt_len=0,
+    )
+
+
+def collate_seqs(seqs: list[Seq], k: int, taus: tuple[float, ...] = ()) -> CollatedBatch:
+    temps = [1.0, *taus] if taus else []
+    return collate([example_of(s, k, taus, i) for i, s in enumerate(seqs)], pad_id=0, k=k, temperatures=temps)
+
+
+def forward_logits(seqs: list[Seq], batch: CollatedBatch) -> Tensor:
+    """What a student forward would return for ``batch``: [B, logits_to_keep, V], each sequence's logits at the
+    input positions of its rows (zeros elsewhere)."""
+    first = batch.first_position
+    v = seqs[0].student_logits.shape[1]
+    z = torch.zeros(len(seqs), batch.logits_to_keep, v, dtype=seqs[0].student_logits.dtype)
+    for b, s in enumerate(seqs):
+        pos = batch.row_positions[b, : s.student_logits.shape[0]] - first
+        z[b, pos] = s.student_logits
+    return z
 
 
 def make_batch(seqs: list[Seq], k: int, same_vocab: bool = False, grad: bool = True, taus=()) -> DistillBatch:
-    b = DistillBatch.from_sequences([sparse_dict(s, k, taus) for s in seqs], same_vocab=same_vocab)
+    """The ``DistillBatch`` the losses see, built as training builds it (``collate`` + ``distill_batch``).
+
+    ``grad``: the student logits require grad, and ``batch.student_logits.grad`` is kept after a backward."""
+    batch = collate_seqs(seqs, k, taus)
+    z = forward_logits(seqs, batch).requires_grad_(grad)
+    b = distill_batch(batch, z, same_vocab=same_vocab)
     if grad:
-        b.student_logits.requires_grad_(True)
+        b.student_logits.retain_grad()
     return b
 
 

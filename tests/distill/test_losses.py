@@ -165,17 +165,33 @@ def test_kl_dense_equal_when_k_equals_v(direction, tail, pairing):
         assert abs(float(out.per_sequence[b].detach()) - ref_kl(s, direction, 1.0, pairs)) < ATOL
 
 
+def ref_kl_bucket(seq, direction: str, tau: float, pairs, k: int, eps: float = 1e-8) -> float:
+    """KL at ``tau`` over the teacher row's top-k ids plus one bucket holding every other id, on both sides."""
+    t = torch.softmax(seq.teacher_logits / tau, -1)
+    s = torch.softmax(seq.student_logits / tau, -1)
+    vals = []
+    for i, j in pairs:
+        ids = seq.teacher_full[i].argsort(descending=True)[:k]  # the cached ids (top-k at tau 1)
+        ti, sj = t[i, ids], s[j, ids]
+        t_tail, s_tail = 1 - ti.sum(), 1 - sj.sum()
+        if direction == "forward":
+            vals.append(float((ti * (ti / sj).log()).sum() + t_tail * (t_tail / s_tail).log()))
+        else:
+            vals.append(float((sj * (sj / ti).log()).sum() + s_tail * (s_tail / t_tail.clamp_min(eps)).log()))
+    return sum(vals) / len(vals)
+
+
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_kl_temperature_exact_with_lse_and_renormalized_without(direction):
     g = gen(5)
-    v, tau = 12, 2.0
+    v, k, tau = 12, 5, 2.0
     seqs = random_seqs(2, v, v, g)
-    exact = make_batch(seqs, 5, same_vocab=True, taus=(tau,))  # K < V, lse recorded at capture
     full = make_batch(seqs, v, same_vocab=True)  # K = V: renormalizing within the top-K is exact
-    for batch in (full,):
-        out = LOSSES["kl"](batch, KLConfig(direction=direction, tau=tau))
-        for b, s in enumerate(seqs):
-            assert abs(float(out.per_sequence[b].detach()) - ref_kl(s, direction, tau, index_pairs(s))) < ATOL
+    out = LOSSES["kl"](full, KLConfig(direction=direction, tau=tau))
+    for b, s in enumerate(seqs):
+        assert abs(float(out.per_sequence[b].detach()) - ref_kl(s, direction, tau, index_pairs(s))) < ATOL
+    # K < V with lse recorded at capture: the tempered cached entries and the tail bucket are exact
+    exact = make_batch(seqs, k, same_vocab=True, taus=(tau,))
     logq, tail = teacher_logprobs_at(exact, tau)
     for b, s in enumerate(seqs):
         dense = torch.log_softmax(s.teacher_logits / tau, -1)
@@ -183,6 +199,14 @@ def test_kl_temperature_exact_with_lse_and_renormalized_without(direction):
         ids = exact.teacher_topk_ids[b, :n]
         assert torch.allclose(logq[b, :n], dense.gather(1, ids), atol=1e-10)
         assert torch.allclose(tail[b, :n], 1 - dense.exp().gather(1, ids).sum(-1), atol=1e-10)
+    out = LOSSES["kl"](exact, KLConfig(direction=direction, tau=tau, tail="bucket"))
+    renorm = LOSSES["kl"](make_batch(seqs, k, same_vocab=True), KLConfig(direction=direction, tau=tau, tail="bucket"))
+    for b, s in enumerate(seqs):
+        ref = ref_kl_bucket(s, direction, tau, index_pairs(s), k)
+        assert abs(float(out.per_sequence[b].detach()) - ref) < ATOL
+        assert ref < ref_kl(s, direction, tau, index_pairs(s))  # coarse-graining: below the full KL
+        # without lse the rows are renormalized within the top-K (tail 0): a different number
+        assert abs(float(renorm.per_sequence[b].detach()) - ref) > 1e-3
 
 
 def test_kl_tail_options_bound_the_full_kl():

@@ -98,16 +98,21 @@ def test_killed_then_resumed_run_matches_an_uninterrupted_one(setup, tmp_path):
 
 
 def test_two_process_torchrun_ranks_are_disjoint_and_cover_the_epoch(setup, tmp_path):
+    from logitcache.storage import LogitCache
+
+    cache = LogitCache.open(setup["cache"])
+    sizes = [s.sequences for s in cache.shards]
+    epoch = [rank_epoch_size(sizes, rank, 2, 0, 0) for rank in range(2)]
+    steps = -(-max(epoch) // 2)  # batches of 2: enough steps for each rank to read its whole first epoch
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free rendezvous port on localhost: no clash with another run on this machine
         "--nproc-per-node",
         "2",
-        "--master-port",
-        "29533",
         "-m",
         "logitcache.cli",
         "train",
@@ -120,7 +125,7 @@ def test_two_process_torchrun_ranks_are_disjoint_and_cover_the_epoch(setup, tmp_
         "--batch-size",
         "2",
         "--max-steps",
-        "4",
+        str(steps),
         "--eval-fraction",
         "0",
         "--loss",
@@ -128,17 +133,16 @@ def test_two_process_torchrun_ranks_are_disjoint_and_cover_the_epoch(setup, tmp_
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    sizes = [6] * 4  # 24 samples in shards of 4... see build_setup
-    from logitcache.storage import LogitCache
-
-    sizes = [s.sequences for s in LogitCache.open(setup["cache"]).shards]
     seen = []
     for rank in range(2):
         ids = [int(x) for x in (out / f"samples-rank{rank}.txt").read_text().split()]
-        seen.append(ids[: rank_epoch_size(sizes, rank, 2, 0, 0)])
-        assert len(ids) == 8
-    assert not set(seen[0]) & set(seen[1])
-    assert len(metrics(out)) == 4
+        assert len(ids) == 2 * steps
+        first_epoch = ids[: epoch[rank]]
+        assert len(set(first_epoch)) == len(first_epoch) == epoch[rank]  # no sample twice within an epoch
+        seen.append(set(first_epoch))
+    assert not seen[0] & seen[1]  # disjoint ...
+    assert seen[0] | seen[1] == {int(s) for s in cache.sample_ids()}  # ... and together the whole epoch
+    assert len(metrics(out)) == steps
 
 
 def test_train_never_loads_the_teacher(setup, tmp_path):
@@ -171,8 +175,54 @@ print("ok")
 
 def test_online_teacher_gives_the_same_losses(setup, tmp_path):
     """--teacher recomputes the cached rows: same losses as offline, up to the cache's fp16 rounding."""
+    from logitcache.pipeline.backend_hf import score_rows
+
     offline = run_train(cfg(setup, tmp_path / "off", max_steps=3))
-    online = run_train(cfg(setup, tmp_path / "on", max_steps=3, teacher=str(setup["teacher"])))
+    online = run_train(
+        cfg(setup, tmp_path / "on", max_steps=3, teacher=str(setup["teacher"])), teacher_scorer=score_rows
+    )
     assert online["teacher_loaded"] and not offline["teacher_loaded"]
     for x, y in zip(metrics(tmp_path / "off"), metrics(tmp_path / "on"), strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-2 * max(1.0, abs(x["loss"])), (x["loss"], y["loss"])
+    # ... but not bit-identical: the online rows were really recomputed (fp32, not the cache's fp16)
+    assert [x["loss"] for x in metrics(tmp_path / "off")] != [y["loss"] for y in metrics(tmp_path / "on")]
+
+
+def test_online_teacher_needs_an_injected_scorer(setup, tmp_path):
+    from logitcache.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--teacher: online mode needs a teacher scorer"):
+        run_train(cfg(setup, tmp_path / "on", max_steps=1, teacher=str(setup["teacher"])))
+    assert not (tmp_path / "on").exists()
+
+
+def test_cli_train_with_teacher_injects_the_hf_scorer(setup, tmp_path):
+    from click.testing import CliRunner
+
+    from logitcache.cli import main
+
+    out = tmp_path / "cli-online"
+    args = ["train", "--cache", str(setup["cache"]), "--student", str(setup["student"]), "--out", str(out)]
+    args += ["--teacher", str(setup["teacher"]), "--max-steps", "1", "--batch-size", "2", "--eval-fraction", "0"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "summary.json").read_text())["teacher_loaded"]
+
+
+def test_distill_imports_no_pipeline_module():
+    """The import rule, lazy imports included: ``distill`` reaches a teacher only through the scorer it is handed."""
+    import ast
+
+    import logitcache.distill as distill
+
+    files = sorted(Path(distill.__path__[0]).glob("*.py"))
+    assert any(f.name == "train.py" for f in files)
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            else:
+                continue
+            assert not [n for n in names if "pipeline" in n.split(".")], (f.name, names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -19,7 +20,7 @@ def setup(tmp_path_factory):
     return build_setup(tmp_path_factory.mktemp("train-errors"), n=12)
 
 
-def train(setup, out, *extra, cache=None, student=None):
+def train(setup, out, *extra, cache=None, student=None, max_steps=1):
     args = [
         "train",
         "--cache",
@@ -29,7 +30,7 @@ def train(setup, out, *extra, cache=None, student=None):
         "--out",
         str(out),
         "--max-steps",
-        "1",
+        str(max_steps),
         "--batch-size",
         "2",
         "--eval-fraction",
@@ -75,6 +76,49 @@ def test_resume_from_an_incompatible_config(setup, tmp_path):
     r = train(setup, tmp_path / "run", "--lr", "0.1", "--resume")
     one_line_error(r, "--resume", "--lr")
     one_line_error(train(setup, tmp_path / "run"), "holds another run", "--resume")
+
+
+def steps_logged(out):
+    return [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_checks_the_data_by_content_not_by_path(setup, tmp_path):
+    """A moved copy of the cache resumes; another cache at the run's own path is refused."""
+    from gen_helpers import write_prompts
+
+    from logitcache.pipeline.align_stage import AlignConfig, run_align
+    from logitcache.pipeline.generate_stage import GenerateConfig, run_generate
+
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    shutil.copytree(setup["cache"], cache)
+    assert train(setup, out, cache=cache).exit_code == 0
+    moved = tmp_path / "moved-cache"
+    os.rename(cache, moved)
+    r = train(setup, out, "--resume", cache=moved, max_steps=2)
+    assert r.exit_code == 0, r.output
+    assert steps_logged(out) == [1, 2]
+    # regenerate: other prompts, the same teacher, K and shard size, aligned to the same student, at the old path
+    data = write_prompts(tmp_path / "other.jsonl", 8)
+    run_generate(
+        GenerateConfig(model=str(setup["teacher"]), data=str(data), out=str(cache), mode="score", top_k=8, shard_size=4)
+    )
+    run_align(AlignConfig(cache=str(cache), student_tokenizer=str(setup["student"]), workers=1))
+    r = train(setup, out, "--resume", cache=cache, max_steps=3)
+    one_line_error(
+        r, "--resume", "other data", "shards shard-000002 differ", "the alignment store differs", "--overwrite"
+    )
+    assert steps_logged(out) == [1, 2]  # refused before any step
+
+
+def test_resume_of_a_run_without_a_data_identity_compares_the_path(setup, tmp_path):
+    out = tmp_path / "run"
+    assert train(setup, out).exit_code == 0
+    (out / "inputs.json").unlink()  # as a run written before data identities
+    moved = tmp_path / "moved-cache"
+    shutil.copytree(setup["cache"], moved)
+    one_line_error(train(setup, out, "--resume", cache=moved, max_steps=2), "--resume", "--cache")
+    assert train(setup, out, "--resume", max_steps=2).exit_code == 0
+    assert json.loads((out / "inputs.json").read_text())["cache"]["shards"]
 
 
 def test_cache_that_fails_verify(setup, tmp_path):

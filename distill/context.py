@@ -1,0 +1,83 @@
+"""Where a training process runs: its rank, the world size, its device, autocast and DDP (``RunContext``).
+
+One process per rank (plain ``python``: rank 0 of 1; ``torchrun``: ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from the
+environment, the process group initialized here with nccl on GPU, gloo on CPU). Collectives are no-ops in a
+single process, so the training loop calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RunContext:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    #: bf16 autocast around the student forward and the losses
+    bf16: bool
+
+    @staticmethod
+    def setup(device: str | None = None, dtype: str = "auto", threads: int | None = None) -> RunContext:
+        """Join the process group (under torchrun) and pick the device: ``device``, else ``cuda:LOCAL_RANK``
+        when CUDA is available, else the CPU. ``dtype`` "auto": bf16 autocast on GPU, float32 on CPU."""
+        if threads:
+            torch.set_num_threads(threads)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        dev = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+        bf16 = dtype == "bfloat16" or (dtype == "auto" and dev.type == "cuda")
+        return RunContext(rank=rank, world=world, local_rank=local_rank, device=dev, bf16=bf16)
+
+    @property
+    def distributed(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model the loop runs: DDP-wrapped when there is more than one rank."""
+        return torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
+
+    @contextlib.contextmanager
+    def accumulating(self, model: torch.nn.Module, sync: bool) -> Iterator[None]:
+        """Skip DDP's gradient all-reduce on a micro-batch that is not the last of its step (``sync`` False)."""
+        if sync or self.world == 1:
+            yield
+        else:
+            with model.no_sync():  # type: ignore[operator]
+                yield
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.distributed:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+        if not self.distributed:
+            return [obj]
+        objs: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(objs, obj)
+        return objs
