@@ -396,7 +396,7 @@ def evaluate(
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train; returns the final summary (rank 0's view)."""
-    from logitcache.models import load_model, load_tokenizer
+    from logitcache.models import load_model, load_tokenizer, pad_token_id
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -417,7 +417,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.student)
     cache, store, same_vocab = open_inputs(cfg, tokenizer)
     eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id or 0)
+    pad_id = pad_token_id(tokenizer)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)

@@ -32,9 +32,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         try:
             return fn(*args, **kwargs)
-        except (CacheError, ConfigError, ModelSpecError, TokenizationMismatchError, AlignmentError, KeyError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            click.echo(f"error: {msg}", err=True)
+        except (CacheError, ConfigError, ModelSpecError, TokenizationMismatchError, AlignmentError) as e:
+            click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -271,9 +270,14 @@ def verify(cache: str) -> None:
 @user_errors
 def show(cache: str, sample_id: int, positions: int, alternatives: int) -> None:
     """Show one cached sequence: its text and, per position, the realized token and the teacher's top alternatives."""
+    from logitcache.config import ConfigError
     from logitcache.storage import LogitCache
 
     c = LogitCache.open(cache)
+    ids = c.sample_ids()
+    if sample_id not in set(ids.tolist()):
+        known = f"ids {ids.min()}..{ids.max()} ({len(ids)} samples)" if len(ids) else "no samples"
+        raise ConfigError(f"--sample: no sample with id {sample_id} in {cache}; it holds {known}")
     rec = c.get(sample_id)
     tok = c.load_tokenizer() if c.has_tokenizer() else None
 
