@@ -22,7 +22,8 @@ Shutdown. The client closes before the cluster (context managers, innermost firs
 ``close_timeout`` seconds to exit before its nanny kills it. dask's nanny allows 5 s (4 s after asking), which
 a worker that imported torch and transformers could miss on a busy machine, so normal runs logged "Worker
 process still alive after 4.0 seconds, killing"; ``LocalCluster.close(timeout)`` does not reach the nannies, so
-the cluster is built with a nanny class whose close waits longer (the kill stays as the last resort).
+the cluster is built with a nanny class whose close waits longer (the kill stays as the last resort). After a
+failed shard the workers get dask's 5 s only: one may still be busy with a long shard nobody wants.
 
 The bar (:func:`progress_bar`) counts one named unit (sequences: ``seq/s``, never tqdm's inverted ``s/seq``)
 and shows the token rate after it.
@@ -35,7 +36,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 R = TypeVar("R")
 
@@ -118,13 +119,13 @@ def _gpu_count() -> int:
     return int(torch.cuda.device_count())
 
 
-def _patient_nanny(close_timeout: float) -> type:
-    """dask's ``Nanny`` with a close that gives the worker process ``close_timeout`` seconds to exit."""
+def _patient_nanny(patience: list[float]) -> type:
+    """dask's ``Nanny`` whose close gives the worker process ``patience[0]`` seconds (at least dask's 5) to exit."""
     from distributed import Nanny
 
     class PatientNanny(Nanny):
         async def close(self, timeout: float = 5, reason: str = "nanny-close") -> Any:  # type: ignore[override]
-            return await super().close(timeout=max(timeout, close_timeout), reason=reason)
+            return await super().close(timeout=max(timeout, patience[0]), reason=reason)
 
     return PatientNanny
 
@@ -139,20 +140,24 @@ def _client(workers: int, scheduler: str | None, options: ClusterOptions) -> Ite
         with Client(scheduler) as client:
             yield client
         return
-    settings = {"distributed.worker.daemon": options.daemon}
-    with dask.config.set(settings):
+    patience = [options.close_timeout]
+    with dask.config.set({"distributed.worker.daemon": options.daemon}):
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
-            worker_class=_patient_nanny(options.close_timeout),
+            dashboard_address=None,  # no dashboard; its HTTP server (health routes) on a free port, not 8787
+            scheduler_kwargs={"dashboard_address": ":0"},
+            worker_class=_patient_nanny(patience),
         )
     try:
         with Client(cluster) as client:
             yield client
+    except BaseException:
+        patience[0] = 0  # a shard failed: workers still busy with others are not waited for
+        raise
     finally:
-        cluster.close(timeout=options.close_timeout)
+        cluster.close()  # each nanny bounds its own worker's exit
 
 
 def _run_dask(
@@ -216,12 +221,12 @@ def run_shards(
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, desc: str, unit: str = "seq") -> Iterator[Progress]:
-    """A tqdm bar on stderr counting ``unit`` (always ``unit/s``), with the token rate after it."""
+def progress_bar(total: int, desc: str, unit: str = "seq", file: TextIO | None = None) -> Iterator[Progress]:
+    """A tqdm bar (on stderr by default) counting ``unit`` (always ``unit/s``), with the token rate after it."""
     from tqdm import tqdm
 
     fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
-    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, bar_format=fmt)
+    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, bar_format=fmt, file=file)
     t0, tokens = time.perf_counter(), [0]
 
     def update(units: int, new_tokens: int) -> None:
