@@ -145,7 +145,10 @@ def _student(spec: str) -> Any:
     return _STUDENT[spec]
 
 
-def align_shard(cfg: AlignConfig, header: dict[str, Any], index: int, progress: Any = None) -> dict[str, Any]:
+def align_shard(
+    cfg: AlignConfig, header: dict[str, Any], index: int, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Align and write cache shard ``index`` (the shard runner's task: here or on a dask worker)."""
     from logitcache.storage.alignment_store import merge_alignment_stats
 
     cache = LogitCache.open(cfg.cache)
@@ -160,11 +163,6 @@ def align_shard(cfg: AlignConfig, header: dict[str, Any], index: int, progress: 
         if progress is not None:
             progress(1, len(out.student_completion_ids))
     return writer.write_shard(index, records, stats)
-
-
-def _shard_task(cfg: AlignConfig, header: dict[str, Any], index: int, progress: Progress | None) -> dict[str, Any]:
-    """``align_shard`` as the shard runner calls it, here or on a dask worker (module level: it pickles)."""
-    return align_shard(cfg, header, index, progress)
 
 
 def run_align(cfg: AlignConfig) -> dict[str, Any]:
@@ -195,7 +193,7 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
     with progress_bar(total, "align") as bar:
         run_shards(
             todo,
-            _shard_task,
+            align_shard,
             (cfg, header),
             workers=workers,
             scheduler=cfg.scheduler,
