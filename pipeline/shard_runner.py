@@ -5,7 +5,8 @@ and a per-shard task, a module-level function called as ``task(*args, shard, pro
 and returns its marker. Three ways to run them:
 
 - ``workers <= 1`` and no scheduler: in this process, in order. ``progress`` is a callable ``(units, tokens)``
-  that the task calls as it goes (increments), so the bar moves within a shard;
+  that the task calls as it goes (increments), so the bar moves within a shard; when the shard ends, the units
+  it did not report (samples it skipped) are added, so the bar ends full;
 - ``workers > 1``: a ``dask.distributed.LocalCluster`` of ``min(workers, shards)`` single-threaded worker
   processes, each keeping whatever the task caches per process (an engine, a tokenizer) for all the shards it
   is given. ``ClusterOptions`` says whether workers may start processes of their own (vLLM's engine core needs
