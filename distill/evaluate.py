@@ -223,7 +223,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate ``cfg.model`` on ``cfg.data``; returns (and with ``--out`` writes) the report dict."""
     import torch
 
-    from logitcache.models import ModelSpecError, default_device, load_model, load_tokenizer, model_context
+    from logitcache.models import (
+        ModelSpecError,
+        default_device,
+        load_model,
+        load_tokenizer,
+        model_context,
+        pad_token_id,
+    )
     from logitcache.tokenization import encode_prompt_completion
 
     t0 = time.perf_counter()
@@ -233,16 +240,15 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         raise InputError(str(e).replace(", required in --mode score", " (the reference answer)")) from e
     teacher = teacher_completions(cfg.cache, records) if cfg.cache else None
     device = cfg.device or default_device()
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     try:
         tokenizer = load_tokenizer(cfg.model)
-        model = load_model(cfg.model, dtype=dtype, device=device)
+        model = load_model(cfg.model, dtype=cfg.dtype, device=device)  # dtype auto: models.resolve_dtype
     except ModelSpecError as e:
         raise ConfigError(f"--model {cfg.model}: {e}") from e
     torch.manual_seed(cfg.seed)
     template = resolve_chat_template(tokenizer, cfg.chat_template)
     eos = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    pad_id = pad_token_id(tokenizer, eos)
     context = model_context(model.config)
 
     prepared = []

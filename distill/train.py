@@ -93,6 +93,7 @@ class TrainData:
 
 def open_inputs(cfg: TrainConfig, tokenizer: Any) -> TrainData:
     """The cache (verified), the student's alignment store, and whether teacher and student share a vocabulary."""
+    from logitcache.models import pad_token_id
     from logitcache.storage import verify_cache
     from logitcache.tokenization import tokenizer_fingerprint
 
@@ -127,7 +128,7 @@ def open_inputs(cfg: TrainConfig, tokenizer: Any) -> TrainData:
                 "from the teacher's; use uld, mlot or alm for cross-tokenizer distillation"
             )
     eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id or 0)
+    pad_id = pad_token_id(tokenizer)
     return TrainData(cache, store, same_vocab, pad_id, eos_id)
 
 

@@ -35,7 +35,7 @@ _USER_ERRORS = (
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """The user-facing exception classes whose modules are loaded: an exception of a class whose module was never
     imported cannot have been raised, so this needs no import (the modules that define them pull in numpy/torch)."""
-    types: list[type[BaseException]] = [ConfigError, KeyError]
+    types: list[type[BaseException]] = [ConfigError]
     for module, name in _USER_ERRORS:
         if module in sys.modules:
             types.append(getattr(sys.modules[module], name))
@@ -52,8 +52,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as e:
             if not isinstance(e, _user_error_types()):
                 raise
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            click.echo(f"error: {msg}", err=True)
+            click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -302,9 +301,14 @@ def verify(cache: str) -> None:
 @user_errors
 def show(cache: str, sample_id: int, positions: int, alternatives: int) -> None:
     """Show one cached sequence: its text and, per position, the realized token and the teacher's top alternatives."""
+    from logitcache.config import ConfigError
     from logitcache.storage import LogitCache
 
     c = LogitCache.open(cache)
+    ids = c.sample_ids()
+    if sample_id not in set(ids.tolist()):
+        known = f"ids {ids.min()}..{ids.max()} ({len(ids)} samples)" if len(ids) else "no samples"
+        raise ConfigError(f"--sample: no sample with id {sample_id} in {cache}; it holds {known}")
     rec = c.get(sample_id)
     tok = c.load_tokenizer() if c.has_tokenizer() else None
 

