@@ -22,6 +22,7 @@ from .manifest import SCHEMA_VERSION, CacheHeader
 from .reader import LogitCache, ShardInfo
 from .records import PositionRows, SequenceRecord
 from .verify import describe_cache, verify_cache
+from .verify_alignment import verify_store
 from .writer import CacheWriter
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "ShardInfo",
     "describe_cache",
     "verify_cache",
+    "verify_store",
 ]
