@@ -118,8 +118,9 @@ class CacheWriter:
     # -- opening -----------------------------------------------------------------------------------------
     def _prepare(self, overwrite: bool) -> None:
         loc = self.loc
-        entries = loc.listdir() if loc.fs.exists(loc.root) else []
-        if loc.fs.exists(loc.root) and not loc.fs.isdir(loc.root):
+        exists = loc.exists()  # a fresh look (object stores: no cached listing)
+        entries = loc.listdir() if exists else []
+        if exists and not loc.fs.isdir(loc.root):
             raise CacheError(f"{loc.url}: exists and is a file, not a folder; choose another --out path")
         if entries and HEADER_FILE not in entries:
             if not overwrite:
