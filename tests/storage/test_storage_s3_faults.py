@@ -86,6 +86,34 @@ def test_shards_written_by_another_process_are_seen(s3, tmp_path):
     assert verify_cache(url, storage_options=s3) == []
 
 
+_WRITE_STORE_SHARDS = textwrap.dedent(
+    """
+    import json, sys
+    from logitcache.storage import LogitCache
+    from logitcache.storage.alignment_store import AlignmentWriter
+    opts = json.loads(sys.argv[2])
+    w = AlignmentWriter(LogitCache.open(sys.argv[1], storage_options=opts), "abcd", {"student": {"spec": "s"}})
+    for i in (1, 2):
+        w.write_shard(i, [], {"sequences": 0})
+    """
+)
+
+
+def test_align_finalize_sees_shards_of_worker_processes(s3):
+    """The reported fault itself: `cannot finalize, shards [...] are not aligned yet` after workers wrote them."""
+    from logitcache.storage.alignment_store import AlignmentWriter
+
+    url = "s3://faults/aligned"
+    rng = np.random.default_rng(2)
+    write_cache(url, [[random_record(rng, i)] for i in range(3)], storage_options=s3)
+    writer = AlignmentWriter(LogitCache.open(url, storage_options=s3), "abcd", {"student": {"spec": "s"}})
+    writer.write_shard(0, [], {"sequences": 0})  # done before the kill
+    assert writer.complete_shards() == [0]  # the rerun's coordinator lists (and caches) before dispatching work
+    subprocess.run([sys.executable, "-c", _WRITE_STORE_SHARDS, url, json.dumps(s3)], check=True, timeout=120)
+    assert writer.complete_shards() == [0, 1, 2]
+    assert [s["index"] for s in writer.finalize()["shards"]] == [0, 1, 2]
+
+
 def test_stores_listing_is_fresh(s3):
     """``list_stores`` (what train and verify read) sees a store another process created after a first listing."""
     import s3fs
