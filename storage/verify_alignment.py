@@ -264,6 +264,15 @@ def check_record(
         if bad.size:
             k = int(bad[0])
             return f"pair {k} ({i[k]}, {j[k]}) joins tokens starting at bytes {tb[i[k]]} and {sb[j[k]]}"
+        inner = tb[i] < nbytes
+        if (tb[i[inner] + 1] == tb[i[inner]]).any() or (sb[j[inner] + 1] == sb[j[inner]]).any():
+            return "a pair does not use the last row whose token starts at its byte"
+    both_end = teacher_end >= 0 and student_end >= 0
+    has_end_pair = bool(p.size) and (int(p[-1, 0]), int(p[-1, 1])) == (teacher_end, student_end) and both_end
+    if has_end_pair != both_end:
+        return "the end pair (both end rows) is not the last pair exactly when both sides have an end row"
+    if p.shape[0] - int(both_end) != c.shape[0]:
+        return f"{p.shape[0] - int(both_end)} non-end pairs but {c.shape[0]} chunks (one per shared boundary)"
     if not c.size:
         if nbytes > 0 or t_end or s_end:
             return f"no chunk for a {nbytes}-byte completion with {t_end} teacher and {s_end} student rows"
@@ -280,4 +289,6 @@ def check_record(
         k = int(bad[0])
         return (f"chunk {k} {c[k].tolist()} covers teacher bytes [{tb[ts[k]]}, {tb[te[k]]}) but student bytes "
                 f"[{sb[ss[k]]}, {sb[se[k]]})")
+    if tb[te[-1]] != nbytes or (tb[ts[1:] - 1] >= tb[ts[1:]]).any() or (sb[ss[1:] - 1] >= sb[ss[1:]]).any():
+        return "a chunk does not start at the first row of its boundary byte, or the chunks stop before the end"
     return None
