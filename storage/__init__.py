@@ -7,7 +7,8 @@ Public API::
     writer.write_shard(0, records); writer.write_shard(1, more); writer.finalize()
     cache = LogitCache.open("cache/"); cache.get(sample_id); cache.iter_sequences()
 
-See ``docs/format.md`` for the on-disk layout.
+``verify_cache(url)`` lists every problem of a cache and its alignment stores (``verify_store(cache, key)`` checks
+one store). See ``docs/format.md`` for the on-disk layout and what verify checks.
 """
 
 from .errors import (

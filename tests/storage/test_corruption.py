@@ -59,7 +59,7 @@ def _reseal_store_shard(cache: Path, index: int, doctor: Callable[[list], None])
     store = AlignmentStore.open(c, _key(cache))
     records = store.iter_shard(index)
     for r in records:
-        r.pairs, r.chunks = np.array(r.pairs), np.array(r.chunks)
+        r.pairs, r.chunks, r.student_offsets = np.array(r.pairs), np.array(r.chunks), np.array(r.student_offsets)
     doctor(records)
     header = {k: v for k, v in store.header.items() if k != "cache"}
     writer = AlignmentWriter(c, store.key, header)
@@ -96,6 +96,21 @@ def _move_chunk_boundary(records: list) -> None:
 def _pair_out_of_range(records: list) -> None:
     rec = next(r for r in records if len(r.pairs))
     rec.pairs[-1, 0] += 1000
+
+
+def _reseal_vocab_map(cache: Path) -> None:
+    c = LogitCache.open(cache)
+    store = AlignmentStore.open(c, _key(cache))
+    vm = np.array(store.vocab_map())
+    vm[5] = 1 << 20
+    writer = AlignmentWriter(c, store.key, {k: v for k, v in store.header.items() if k != "cache"})
+    writer.save_vocab_map(vm)
+    writer.finalize({"vocab_map": store.manifest.get("vocab_map")})
+
+
+def _student_offsets_decrease(records: list) -> None:
+    rec = next(r for r in records if len(r.student_offsets) >= 3)
+    rec.student_offsets[-1] = rec.student_offsets[-2] - 1
 
 
 def _typo(entry: dict) -> None:
@@ -190,6 +205,15 @@ MUTATIONS: dict[str, tuple[Mutation, str]] = {
     "token id >= vocab (resealed)": (
         lambda c: _reseal_cache_shard(c, 5, lambda recs: recs[0].token_ids.__setitem__(0, 4000)),
         "token_ids outside [0, 200)",
+    ),
+    "prompt_len off by one (resealed)": (
+        lambda c: _reseal_cache_shard(c, 3, lambda recs: setattr(recs[2], "prompt_len", recs[2].prompt_len - 1)),
+        "!= len(token_ids) - prompt_len",
+    ),
+    "vocab_map id out of range (resealed)": (_reseal_vocab_map, "vocab_map.parquet: student ids outside [-1,"),
+    "student offsets decrease (resealed)": (
+        lambda c: _reseal_store_shard(c, 2, _student_offsets_decrease),
+        "student token byte offsets decrease",
     ),
     "byte offsets decrease (resealed)": (
         lambda c: _reseal_cache_shard(c, 4, lambda recs: recs[1].token_byte_offsets.__setitem__(-1, 0)),
