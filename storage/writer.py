@@ -306,7 +306,7 @@ def header_file_advice(loc: Location, error: Exception | None = None) -> str:
     what = f"corrupt ({type(error).__name__}: {error})" if error is not None else "corrupt (content changed)"
     if intact_manifest_header(loc) is not None:
         return (
-            f"{what}; the cache's data is not affected and manifest.json holds an intact copy of the header: "
+            f"{what}; the shards have their own checksums and manifest.json holds an intact copy of the header: "
             f"run `logitcache finalize {loc.url}` to restore cache.json from it, then rerun"
         )
     return (
