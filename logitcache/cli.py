@@ -23,7 +23,7 @@ import click
 from . import __version__
 from .config import ConfigError, click_options
 
-#: (module, class) of the library's user-facing exceptions, beside ConfigError and KeyError
+#: (module, class) of the library's user-facing exceptions, beside ConfigError
 _USER_ERRORS = (
     ("logitcache.models", "ModelSpecError"),
     ("logitcache.pipeline.byte_alignment", "AlignmentError"),
@@ -232,7 +232,15 @@ def inspect(cache: str, as_json: bool) -> None:
         return
     teacher = info["teacher"]
     capture = info["capture"]
+    if capture.get("mode") == "score":  # sampling settings mean nothing for a teacher-forced cache
+        capture = {k: v for k, v in capture.items() if k not in ("temperature", "top_p", "seed", "max_new_tokens")}
     s = info["summary"]
+    counters = dict(info["counters"])
+    cut = {k: counters.pop(k) for k in list(counters) if k.startswith(("truncated", "cut_")) and counters[k]}
+    finish = "  ".join(f"{k} {v}" for k, v in s["finish_reasons"].items()) + (
+        "  (truncated: " + ", ".join(f"{k} {v}" for k, v in cut.items()) + ")" if cut else ""
+    )
+    quantiles = [f"{k} <= {v:.2e}" for k, v in s["tail_mass_quantiles"].items() if not math.isnan(v)]
     lines = [
         f"cache        {info['path']}  (schema v{info['schema_version']}, finalized {info['finalized_at']})",
         f"teacher      {teacher.get('model', '?')}  vocab {info['vocab_size']}  "
@@ -244,14 +252,15 @@ def inspect(cache: str, as_json: bool) -> None:
         f"contents     {info['shards']} shards  {info['sequences']} sequences  {info['positions']} positions  "
         f"{_fmt_bytes(info['bytes'])}  "
         + (f"{info['bytes_per_position']:.1f} B/position" if info["bytes_per_position"] else ""),
-        f"tokens       prompt {s['prompt_tokens']}  completion {s['completion_tokens']}  finish {s['finish_reasons']}",
+        f"tokens       prompt {s['prompt_tokens']}  completion {s['completion_tokens']}",
+        f"finish       {finish}",
         f"targets      in top-k {s['target_in_topk_rate']:.2%}  mean logprob {s['mean_target_logprob']:.3f}",
-        "tail mass    " + "  ".join(f"{k} {v:.2e}" for k, v in s["tail_mass_quantiles"].items() if not math.isnan(v)),
+        "tail mass    " + "  ".join(quantiles) + ("  (histogram bin upper bounds)" if quantiles else ""),
         "",
         f"{'shard':<14}{'sequences':>10}{'positions':>12}{'bytes':>12}{'B/pos':>9}",
     ]
-    if info["counters"]:
-        lines.insert(-2, "counters     " + "  ".join(f"{k} {v}" for k, v in info["counters"].items()))
+    if counters:
+        lines.insert(-2, "counters     " + "  ".join(f"{k} {v}" for k, v in counters.items()))
     for row in info["per_shard"]:
         bpp = f"{row['bytes_per_position']:.1f}" if row["bytes_per_position"] else "-"
         lines.append(
@@ -295,25 +304,47 @@ def verify(cache: str) -> None:
 
 @main.command()
 @click.argument("cache")
-@click.option("--sample", "sample_id", type=int, required=True, help="Sample id to show.")
+@click.option("--sample", "sample_id", type=int, default=None, help="Sample id to show (default: the first sample).")
 @click.option("--positions", type=int, default=20, show_default=True, help="How many loss positions to list.")
 @click.option("--alternatives", type=int, default=5, show_default=True, help="Top-k alternatives per position.")
 @user_errors
-def show(cache: str, sample_id: int, positions: int, alternatives: int) -> None:
+def show(cache: str, sample_id: int | None, positions: int, alternatives: int) -> None:
     """Show one cached sequence: its text and, per position, the realized token and the teacher's top alternatives."""
-    from logitcache.config import ConfigError
     from logitcache.storage import LogitCache
 
     c = LogitCache.open(cache)
+    if sample_id is None:
+        if not c.shards or not c.shards[0].sequences:
+            raise ConfigError(f"{cache}: the cache holds no sequences to show")
+        sample_id = int(c.sequence_table(c.shards[0].index).column("sample_id")[0].as_py())
     ids = c.sample_ids()
     if sample_id not in set(ids.tolist()):
         known = f"ids {ids.min()}..{ids.max()} ({len(ids)} samples)" if len(ids) else "no samples"
         raise ConfigError(f"--sample: no sample with id {sample_id} in {cache}; it holds {known}")
     rec = c.get(sample_id)
     tok = c.load_tokenizer() if c.has_tokenizer() else None
+    pieces = None
+    if tok is not None:
+        try:
+            from logitcache.tokenization import token_bytes_info
+
+            pieces = token_bytes_info(tok).pieces
+        except Exception:  # a tokenizer without a fast backend: decode() only
+            pieces = None
 
     def name(i: int) -> str:
-        return repr(tok.decode([int(i)])) if tok is not None else f"#{int(i)}"
+        if tok is None:
+            return f"#{int(i)}"
+        text = tok.decode([int(i)])
+        if "\ufffd" in text and pieces is not None and int(i) < len(pieces) and pieces[int(i)]:
+            # part of a multi-byte character: show its bytes (<0xC8>), not a replacement character
+            raw = pieces[int(i)].decode("utf-8", errors="surrogateescape")
+            text = "".join(f"<0x{ord(ch) - 0xDC00:02X}>" if 0xDC80 <= ord(ch) <= 0xDCFF else ch for ch in raw)
+        return repr(text)
+
+    def prob(lp: float) -> str:
+        p = math.exp(lp)
+        return f"{p:.3f}" if p >= 1e-3 or p == 0 else f"{p:.1e}"
 
     click.echo(
         f"sample {rec.sample_id}  (source {rec.source_id!r}, finish {rec.finish_reason}, "
@@ -330,10 +361,11 @@ def show(cache: str, sample_id: int, positions: int, alternatives: int) -> None:
         hits = (r.topk_ids[p] == target).nonzero()[0]
         rank = f"rank {hits[0] + 1}" if hits.size else f"outside top-{r.k}"
         alts = "  ".join(
-            f"{name(i)} {math.exp(lp):.3f}"
+            f"{name(i)} {prob(float(lp))}"
             for i, lp in zip(r.topk_ids[p, :alternatives], r.topk_logprobs[p, :alternatives])
         )
-        click.echo(f"{p:>4}  {name(target):<16} p={math.exp(float(r.target_logprobs[p])):.3f} ({rank})  | {alts}")
+        lp = float(r.target_logprobs[p])
+        click.echo(f"{p:>4}  {name(target):<16} p={prob(lp)} logp={lp:.3f} ({rank})  | {alts}")
     if tok is None:
         click.echo("(no tokenizer copy in the cache: ids shown instead of text)")
 

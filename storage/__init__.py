@@ -7,7 +7,8 @@ Public API::
     writer.write_shard(0, records); writer.write_shard(1, more); writer.finalize()
     cache = LogitCache.open("cache/"); cache.get(sample_id); cache.iter_sequences()
 
-See ``docs/format.md`` for the on-disk layout.
+``verify_cache(url)`` lists every problem of a cache and its alignment stores (``verify_store(cache, key)`` checks
+one store). See ``docs/format.md`` for the on-disk layout and what verify checks.
 """
 
 from .errors import (
@@ -22,6 +23,7 @@ from .manifest import SCHEMA_VERSION, CacheHeader
 from .reader import LogitCache, ShardInfo
 from .records import PositionRows, SequenceRecord
 from .verify import describe_cache, verify_cache
+from .verify_alignment import verify_store
 from .writer import CacheWriter
 
 __all__ = [
@@ -40,4 +42,5 @@ __all__ = [
     "ShardInfo",
     "describe_cache",
     "verify_cache",
+    "verify_store",
 ]

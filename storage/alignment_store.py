@@ -13,6 +13,11 @@ Shard folders follow the cache's rules (``storage.shards``): atomic, checksummed
 missing ones. The store depends on the cache's identity: its header records the cache's header fingerprint
 and shard checksums, and ``AlignmentStore.open`` refuses a store built from different cache content.
 
+Integrity: the manifest records each shard's checksum (as the cache's does) and, under ``checksums``, those of
+its header, ``store.json``, ``vocab_map.parquet`` and the tokenizer copy's files; ``storage.verify_alignment``
+checks them all and, at level ``full``, every decoded record against the cache. A rerun of the writer treats a
+shard whose files fail their marker's checksum as missing and rewrites it, so ``align`` repairs a damaged store.
+
 Row conventions of ``pairs``/``chunks`` (teacher and student loss-span rows, end-of-text rows) are defined by
 ``logitcache.pipeline.byte_alignment``; this module only persists them.
 """
@@ -32,7 +37,15 @@ from .errors import CacheError, CacheIncompleteError, CacheNotFoundError, Config
 from .fs import Location
 from .manifest import FORMAT_NAME, MANIFEST_FILE, SCHEMA_VERSION, SHARDS_DIR, TOKENIZER_DIR, check_schema, shard_name
 from .reader import LogitCache
-from .shards import clean_incomplete, commit_shard, complete_shards
+from .shards import (
+    bytes_checksum,
+    clean_incomplete,
+    commit_shard,
+    complete_shards,
+    file_checksums,
+    json_checksum,
+    verify_shard_files,
+)
 
 ALIGNMENTS_DIR = "alignments"
 STORE_FILE = "store.json"
@@ -198,8 +211,23 @@ class AlignmentWriter:
                 STORE_FILE,
             )
 
-    def complete_shards(self) -> list[int]:
-        return complete_shards(self.loc.child(SHARDS_DIR))
+    def complete_shards(self, check: bool = True) -> list[int]:
+        """Shards with a marker; with ``check``, only those whose files also pass the marker's checksum (the
+        others are rewritten by the next ``write_shard``, which replaces a stale copy)."""
+        parent = self.loc.child(SHARDS_DIR)
+        done = complete_shards(parent)
+        if not check:
+            return done
+        sound = []
+        for index in done:
+            shard = parent.child(shard_name(index))
+            try:
+                marker = shard.read_json("_COMPLETE.json")
+                if not verify_shard_files(shard, marker, marker.get("checksum", ""), shard_name(index)):
+                    sound.append(index)
+            except (ValueError, UnicodeDecodeError, FileNotFoundError):
+                continue
+        return sound
 
     def write_shard(self, index: int, records: list[AlignmentRecord], stats: dict[str, Any]) -> dict[str, Any]:
         def fill(scratch: str) -> dict[str, Any]:
@@ -226,7 +254,7 @@ class AlignmentWriter:
         save_tokenizer_copy(self.loc, tokenizer)
 
     def finalize(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        done = self.complete_shards()
+        done = self.complete_shards(check=False)
         expected = [s.index for s in self.cache.shards]
         missing = sorted(set(expected) - set(done))
         if missing:
@@ -247,6 +275,16 @@ class AlignmentWriter:
             "shards": [{k: m[k] for k in ("name", "index", "sequences", "bytes", "checksum")} for m in markers],
             "stats": stats,
             **(extra or {}),
+            "checksums": {
+                "header": json_checksum(self.header),
+                STORE_FILE: bytes_checksum(self.loc.read_bytes(STORE_FILE)),
+                VOCAB_MAP_FILE: bytes_checksum(self.loc.read_bytes(VOCAB_MAP_FILE))
+                if self.loc.exists(VOCAB_MAP_FILE)
+                else None,
+                TOKENIZER_DIR: file_checksums(self.loc.child(TOKENIZER_DIR))
+                if self.loc.exists(TOKENIZER_DIR, "_COMPLETE")
+                else None,
+            },
             "finalized_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         self.loc.write_json_atomic(manifest, MANIFEST_FILE)

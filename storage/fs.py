@@ -10,6 +10,15 @@ Atomicity differs by filesystem, and the cache relies on it:
 
 ``Location`` pairs an fsspec filesystem with a root path so the rest of the code joins relative paths and never
 parses URLs itself.
+
+Object stores and caching: fsspec filesystems such as s3fs cache directory listings per process, and other
+processes (dask workers, job-array tasks) write shards behind that cache's back. Every listing or existence test
+here (``exists``, ``listdir``, ``files``) therefore drops the cached entries of the path and everything below it
+first: one more LIST/HEAD request per call, in exchange for never deciding completeness from a stale listing.
+
+Credentials and endpoints: opening a remote ``Location`` (``Location.parse``) probes the root once and turns a
+missing credential, a refused or unreachable endpoint or a denied request into a one-line ``CacheError`` naming
+the URL, what failed and the environment variables that fix it, instead of a botocore traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +32,56 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+
+from .errors import CacheError
+
+#: Exception class names (botocore, aiohttp, google-auth, ...) that mean "no usable credentials".
+_CREDENTIAL_ERRORS = {
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError",
+    "DefaultCredentialsError", "RefreshError", "UnauthorizedSSOTokenError", "TokenRetrievalError",
+}
+#: Exception class names that mean "the endpoint cannot be reached".
+_CONNECT_ERRORS = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ClientConnectorError", "ServerTimeoutError", "ProxyConnectionError", "SSLError", "InvalidEndpointError",
+    "ConnectionRefusedError", "ConnectionError", "TimeoutError", "gaierror", "ClientOSError",
+}
+#: Error codes in a server's answer that mean "these credentials are refused".
+_DENIED_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken",
+                 "Forbidden", "403")
+
+
+def _fix_hint(protocol: str) -> str:
+    if protocol in ("s3", "s3a"):
+        return (
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), AWS_ENDPOINT_URL for a non-AWS "
+            "endpoint, AWS_DEFAULT_REGION, or the same as storage options "
+            '(key, secret, client_kwargs={"endpoint_url": ...}; FSSPEC_S3=\'{...}\' from the shell)'
+        )
+    if protocol in ("gs", "gcs"):
+        return "set GOOGLE_APPLICATION_CREDENTIALS (or run `gcloud auth application-default login`) or pass token=..."
+    return f"check the {protocol} filesystem's credentials and endpoint (storage options or FSSPEC_{protocol.upper()})"
+
+
+def remote_error(url: str, protocol: str, error: BaseException) -> CacheError | None:
+    """A one-line ``CacheError`` for a credential/endpoint failure talking to ``url``, or None if it is not one."""
+    chain: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    names = {type(x).__name__ for x in chain}
+    text = " ".join(str(x) for x in chain)
+    detail = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip().rstrip(":")
+    if names & _CREDENTIAL_ERRORS:
+        what = "no usable credentials"
+    elif names & _CONNECT_ERRORS:
+        what = "cannot connect to the endpoint"
+    elif isinstance(error, PermissionError) or any(code in text for code in _DENIED_CODES):
+        what = "the credentials were refused"
+    else:
+        return None
+    return CacheError(f"{url}: {what} ({detail}); {_fix_hint(protocol)}")
 
 
 @dataclass(frozen=True)
@@ -41,7 +100,39 @@ class Location:
             local = Path(text.removeprefix("file://")).expanduser().absolute()
             return Location(fsspec.filesystem("file"), str(local), str(local))
         fs, root = fsspec.core.url_to_fs(text, **(storage_options or {}))
-        return Location(fs, root.rstrip("/"), text.rstrip("/"), dict(storage_options or {}))
+        loc = Location(fs, root.rstrip("/"), text.rstrip("/"), dict(storage_options or {}))
+        loc.probe()
+        return loc
+
+    @property
+    def protocol(self) -> str:
+        protocol = self.fs.protocol
+        return protocol if isinstance(protocol, str) else protocol[0]
+
+    def probe(self) -> None:
+        """One request to the root, so credential and endpoint failures surface here as a one-line ``CacheError``."""
+        try:
+            self.fs.exists(self.root)
+        except Exception as e:
+            err = remote_error(self.url, self.protocol, e)
+            if err is None:
+                raise
+            raise err from None
+
+    def refresh(self, *parts: str) -> None:
+        """Drop fsspec's cached listings of ``parts`` and everything below it (no-op for local folders)."""
+        if self.is_local:
+            return
+        path = self.path(*parts)
+        try:
+            self.fs.invalidate_cache(path)
+        except Exception:  # a filesystem without a listing cache
+            return
+        cache = getattr(self.fs, "dircache", None)
+        if cache is not None:
+            prefix = self.fs._strip_protocol(path).rstrip("/") + "/"
+            for key in [k for k in list(cache) if k.startswith(prefix)]:
+                cache.pop(key, None)
 
     @property
     def is_local(self) -> bool:
@@ -59,6 +150,7 @@ class Location:
         return Location(self.fs, self.path(*parts), self.url_of(*parts), self.options)
 
     def exists(self, *parts: str) -> bool:
+        self.refresh(*parts)
         return bool(self.fs.exists(self.path(*parts)))
 
     def read_bytes(self, *parts: str) -> bytes:
@@ -87,6 +179,7 @@ class Location:
     def listdir(self, *parts: str) -> list[str]:
         """Names (not paths) of the entries directly under ``parts``; empty if it does not exist."""
         path = self.path(*parts)
+        self.refresh(*parts)
         if not self.fs.exists(path):
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
@@ -104,6 +197,7 @@ class Location:
     def files(self, *parts: str) -> dict[str, int]:
         """Every file below ``parts`` as ``{relative path: size in bytes}`` (sorted by path)."""
         base = self.path(*parts)
+        self.refresh(*parts)
         if not self.fs.exists(base):
             return {}
         found = self.fs.find(base, detail=True)

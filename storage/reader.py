@@ -50,7 +50,12 @@ class ShardInfo:
 
 def read_manifest(loc: Location) -> dict[str, Any]:
     """Load and validate ``manifest.json`` with a clear error for every way it can be missing or wrong."""
-    if not loc.fs.exists(loc.root):
+    if not loc.exists():
+        bucket = loc.root.split("/", 1)[0]
+        if not loc.is_local and bucket != loc.root and not loc.fs.exists(bucket):
+            raise CacheNotFoundError(
+                f"{loc.url}: bucket {bucket!r} does not exist (or these credentials cannot see it); check the URL"
+            )
         raise CacheNotFoundError(f"{loc.url}: no such cache folder")
     if not loc.exists(MANIFEST_FILE):
         if loc.exists(HEADER_FILE):

@@ -14,6 +14,7 @@ is complete and no writer can still be working.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -35,6 +36,42 @@ def shard_checksum(shard: Location, files: dict[str, int]) -> str:
             while chunk := f.read(1 << 22):
                 h.update(chunk)
     return "sha256:" + h.hexdigest()
+
+
+def json_checksum(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys, no spaces): a checksum over a manifest field."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def bytes_checksum(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def file_checksums(folder: Location) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file below ``folder`` (e.g. a tokenizer copy); empty if absent."""
+    out = {}
+    for rel in folder.files():
+        h = hashlib.sha256()
+        with folder.fs.open(folder.path(rel), "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        out[rel] = "sha256:" + h.hexdigest()
+    return out
+
+
+def check_file_checksums(folder: Location, expected: dict[str, str], where: str) -> list[str]:
+    """Problems of ``folder``'s files against recorded ``{relative path: sha256}``: missing, changed, unexpected."""
+    actual = file_checksums(folder)
+    problems = [f"{where}/{rel}: missing" for rel in sorted(set(expected) - set(actual))]
+    extra = sorted(set(actual) - set(expected))
+    problems += [f"{where}/{rel}: unexpected file (not in the recorded checksums)" for rel in extra]
+    problems += [
+        f"{where}/{rel}: content changed (sha256 {actual[rel][7:19]}... != recorded {expected[rel][7:19]}...)"
+        for rel in sorted(set(actual) & set(expected))
+        if actual[rel] != expected[rel]
+    ]
+    return problems
 
 
 def commit_shard(parent: Location, index: int, fill: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
@@ -98,8 +135,15 @@ def clean_incomplete(parent: Location) -> None:
             parent.rm(name)
 
 
-def verify_shard_files(shard: Location, marker: dict[str, Any], expected_checksum: str, where: str) -> list[str]:
-    """Problems with a shard's files against its marker: missing, resized, unexpected, checksum mismatch."""
+def verify_shard_files(
+    shard: Location, marker: dict[str, Any], expected_checksum: str, where: str, manifest_fix: str = ""
+) -> list[str]:
+    """Problems with a shard's files against its marker: missing, resized, unexpected, checksum mismatch.
+
+    The files' checksum is compared with both the manifest's (``expected_checksum``) and the marker's record, so
+    the message says which of the three disagrees: a damaged manifest entry (files and marker agree; rewrite the
+    manifest with ``manifest_fix``), a damaged marker (files and manifest agree), or a corrupt shard.
+    """
     problems = []
     actual = shard.files()
     actual.pop(SHARD_MARKER, None)
@@ -114,7 +158,20 @@ def verify_shard_files(shard: Location, marker: dict[str, Any], expected_checksu
     if problems:
         return problems
     checksum = shard_checksum(shard, expected)
-    if checksum != expected_checksum or checksum != marker.get("checksum"):
+    recorded = marker.get("checksum")
+    if checksum == expected_checksum == recorded:
+        return problems
+    if checksum == recorded:
+        problems.append(
+            f"{where}: the manifest records checksum {expected_checksum} but the shard's files and its marker agree "
+            f"on {checksum}: the manifest entry is damaged, not the shard; {manifest_fix or 'rewrite the manifest'}"
+        )
+    elif checksum == expected_checksum:
+        problems.append(
+            f"{where}/{SHARD_MARKER}: records checksum {recorded} but the shard's files match the manifest's "
+            f"{checksum}: the marker is damaged, not the data; delete the shard and rerun the writer to rebuild it"
+        )
+    else:
         problems.append(
             f"{where}: checksum mismatch ({checksum} != {expected_checksum}); the shard is corrupt, "
             "delete it and rerun the writer to rebuild it"

@@ -7,6 +7,13 @@ shard's marker, file sizes and sha256 checksum; sequence-table schema; row range
 token counts (``row_count == len(token_ids) - prompt_len``); byte offsets non-decreasing and inside the text;
 position array lengths and dtypes; ids in ``[0, vocab)``; logprobs ``<= 0``, not NaN, sorted descending per row;
 sample ids unique across shards.
+
+Beyond the shards: the manifest header against its recorded checksum (an edited ``vocab_size`` would otherwise
+go unnoticed), ``cache.json`` readable, identical in identity to the manifest's header and matching its recorded
+checksum, the ``tokenizer/`` copy's files against theirs; at level ``full``, the teacher token ids of every
+sequence in ``[0, vocab)`` and its prompt tokens starting inside the prompt's bytes, completion tokens inside the
+completion's. Every alignment store is verified too (``storage.verify_alignment``). A checksum that an older
+writer did not record is a *note* (appended to ``notes`` when given), never a problem.
 """
 
 from __future__ import annotations
@@ -16,12 +23,22 @@ from typing import Any
 
 import numpy as np
 
-from .alignment_store import describe_stores
+from .alignment_store import ALIGNMENTS_DIR, describe_stores
 from .errors import CacheError
 from .layout import SEQUENCE_SCHEMA
-from .manifest import SHARD_MARKER, summarize
+from .manifest import (
+    HEADER_FILE,
+    MANIFEST_FILE,
+    SHARD_MARKER,
+    TOKENIZER_DIR,
+    TOKENIZER_MARKER,
+    CacheHeader,
+    check_schema,
+    summarize,
+)
 from .reader import LogitCache
-from .shards import verify_shard_files
+from .shards import bytes_checksum, check_file_checksums, json_checksum, verify_shard_files
+from .verify_alignment import verify_store
 
 
 def verify_cache(
@@ -29,17 +46,23 @@ def verify_cache(
     storage_options: dict[str, Any] | None = None,
     block_rows: int = 65536,
     level: str = "full",
+    notes: list[str] | None = None,
+    stores: bool = True,
 ) -> list[str]:
     """Problems found in the cache at ``url`` (empty: sound).
 
     ``level``: ``checksums`` checks manifest, markers, file sizes and checksums only (reads every byte once,
     decodes nothing: what ``train`` runs before a long job); ``full`` also checks tables and row contents.
+    ``notes`` collects what could not be checked (checksums an older writer did not record); ``stores=False``
+    skips the alignment stores (``verify_store`` checks one).
     """
+    notes = notes if notes is not None else []
     try:
         cache = LogitCache.open(url, storage_options)
     except CacheError as e:
         return [str(e)]
     problems: list[str] = []
+    _verify_metadata(cache, problems, notes)
     seen: dict[int, str] = {}
     for info in cache.shards:
         before = len(problems)
@@ -52,7 +75,56 @@ def verify_cache(
             f"manifest.json: stats.positions {cache.manifest['stats'].get('positions')} != "
             f"sum of shard positions {total}"
         )
+    if stores:
+        for key in cache.loc.listdir(ALIGNMENTS_DIR):
+            if not key.startswith(".tmp-"):
+                problems += verify_store(cache, key, level, notes)
     return problems
+
+
+def _verify_metadata(cache: LogitCache, problems: list[str], notes: list[str]) -> None:
+    """The manifest header, ``cache.json`` and the tokenizer copy against the checksums recorded at finalize."""
+    from .writer import header_file_advice
+
+    m, loc = cache.manifest, cache.loc
+    recorded = m.get("checksums") or {}
+    fix = f"run `logitcache finalize {loc.url}` to rewrite the manifest from cache.json and the shard markers"
+    if "header" not in recorded:
+        notes.append(f"{MANIFEST_FILE}: no header checksum recorded (finalized by an older logitcache); "
+                     f"{fix} to add one")
+    elif recorded["header"] != json_checksum(m["header"]):
+        problems.append(f"{MANIFEST_FILE}: the header (top_k, vocab_size, codecs, ...) does not match its recorded "
+                        f"checksum: it was edited or damaged; {fix}")
+    try:
+        doc = loc.read_json(HEADER_FILE)
+        check_schema(doc, HEADER_FILE)
+        header = CacheHeader.from_dict(doc["header"], HEADER_FILE)
+    except FileNotFoundError as e:
+        problems.append(f"{HEADER_FILE}: {header_file_advice(loc, e)}")
+        header = None
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, CacheError) as e:
+        problems.append(f"{HEADER_FILE}: {header_file_advice(loc, e)}")
+        header = None
+    if header is not None:
+        if header.identity() != cache.header.identity():
+            diffs = "; ".join(header.differences(cache.header)[:3])
+            problems.append(f"{HEADER_FILE}: its header differs from manifest.json's ({diffs}): one was edited")
+        elif recorded.get(HEADER_FILE) and recorded[HEADER_FILE] != bytes_checksum(loc.read_bytes(HEADER_FILE)):
+            problems.append(f"{HEADER_FILE}: {header_file_advice(loc)}")
+    if not recorded.get(HEADER_FILE):
+        notes.append(f"{HEADER_FILE}: no checksum recorded; compared with the manifest's header only")
+    has = cache.has_tokenizer()
+    expected = recorded.get(TOKENIZER_DIR)
+    if m.get("has_tokenizer") and not has:
+        problems.append(f"{TOKENIZER_DIR}/: the manifest says the cache holds a tokenizer copy, but it has no "
+                        f"{TOKENIZER_MARKER} marker (deleted or incomplete)")
+    if expected:
+        tok_fix = "copy the teacher's tokenizer files back (save_pretrained) or rerun `logitcache generate`"
+        problems += [f"{p}; {tok_fix}" for p in check_file_checksums(loc.child(TOKENIZER_DIR), expected, TOKENIZER_DIR)]
+    elif has and "header" in recorded:
+        problems.append(f"{TOKENIZER_DIR}/: present, but the manifest recorded no checksums for it; {fix}")
+    elif has:
+        notes.append(f"{TOKENIZER_DIR}/: no checksums recorded (finalized by an older logitcache)")
 
 
 def _verify_shard(
@@ -69,7 +141,8 @@ def _verify_shard(
     except ValueError as e:
         problems.append(f"{where}: completion marker unreadable ({e})")
         return
-    file_problems = verify_shard_files(loc, marker, info.checksum, where)
+    fix = f"run `logitcache finalize {cache.loc.url}` to rewrite it from the shard markers"
+    file_problems = verify_shard_files(loc, marker, info.checksum, where, manifest_fix=fix)
     if file_problems or level == "checksums":
         problems += file_problems
         return
@@ -109,6 +182,7 @@ def _verify_shard(
             problems.append(f"{where}: sample id {sid} also appears in {seen[sid]}")
         seen[sid] = where
     _check_offsets(table, where, problems)
+    _check_token_ids(table, cache.vocab_size, where, problems)
     if int(counts.sum()) != info.positions:
         problems.append(f"{where}: sequence table covers {int(counts.sum())} positions, manifest says {info.positions}")
     try:
@@ -137,15 +211,29 @@ def _list_lengths(table: Any, name: str) -> np.ndarray:
 
 
 def _check_offsets(table: Any, where: str, problems: list[str]) -> None:
+    """Byte offsets non-decreasing inside the text; prompt tokens start in the prompt, completion tokens after it."""
     offsets = table.column("token_byte_offsets")
+    prompts, completions = table.column("prompt_text").to_pylist(), table.column("completion_text").to_pylist()
+    plens, sids = table.column("prompt_len").to_pylist(), table.column("sample_id").to_pylist()
     for i in range(table.num_rows):
         off = np.asarray(offsets[i].values.to_numpy(zero_copy_only=False))
         if off.size == 0:
             continue
-        text_len = len((table.column("prompt_text")[i].as_py() + table.column("completion_text")[i].as_py()).encode())
+        prompt_len = len(prompts[i].encode())
+        text_len = prompt_len + len(completions[i].encode())
         if (np.diff(off) < 0).any() or off[0] < 0 or off[-1] > text_len:
-            sid = table.column("sample_id")[i].as_py()
-            problems.append(f"{where}: sample {sid}: token byte offsets not non-decreasing within [0, {text_len}]")
+            problems.append(f"{where}: sample {sids[i]}: token byte offsets not non-decreasing within [0, {text_len}]")
+        elif (off[: plens[i]] > prompt_len).any() or (off[plens[i] :] < prompt_len).any():
+            problems.append(
+                f"{where}: sample {sids[i]}: token byte offsets do not split at the prompt's end (byte {prompt_len}, "
+                f"token {plens[i]})"
+            )
+
+
+def _check_token_ids(table: Any, vocab: int, where: str, problems: list[str]) -> None:
+    ids = np.asarray(table.column("token_ids").combine_chunks().values.to_numpy(zero_copy_only=False))
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        problems.append(f"{where}: token_ids outside [0, {vocab}) (min {ids.min()}, max {ids.max()})")
 
 
 def _check_rows(rows: Any, vocab: int, where: str, problems: list[str]) -> None:

@@ -10,6 +10,12 @@ can call it from any task once every shard exists.
 
 Refusals: a folder that holds a cache with a different identity (see ``CacheHeader.identity``), or a non-empty
 folder that is not a cache, is refused unless ``overwrite=True``, which wipes it first.
+
+Integrity of the metadata: ``finalize`` records checksums of the manifest's header, of ``cache.json`` and of each
+file of the ``tokenizer/`` copy (``manifest["checksums"]``; ``verify`` checks them). A ``cache.json`` that is
+unreadable, or whose bytes disagree with the recorded checksum, is restored by ``CacheWriter.resume`` (so by
+``logitcache finalize``) from the manifest's header copy when that copy passes its checksum; a rerun of
+``generate`` says so instead of advising ``--overwrite``, which would delete a sound cache.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from .manifest import (
     summarize,
 )
 from .records import PositionRows, SequenceRecord
-from .shards import clean_incomplete, commit_shard, complete_shards
+from .shards import bytes_checksum, clean_incomplete, commit_shard, complete_shards, file_checksums, json_checksum
 
 
 def _versions() -> dict[str, str]:
@@ -73,8 +79,10 @@ class CacheWriter:
         *,
         overwrite: bool = False,
         storage_options: dict[str, Any] | None = None,
+        _header_restored: bool = False,
     ) -> None:
         self.loc = Location.parse(url, storage_options)
+        self._header_restored = _header_restored
         self.header = header
         self.id_codec = id_codec_from_config(header.id_codec)
         self.lp_codec = logprob_codec_from_config(header.logprob_codec)
@@ -86,22 +94,33 @@ class CacheWriter:
     def resume(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> CacheWriter:
         """Open an existing (possibly unfinished) cache for writing with the header in its ``cache.json``."""
         loc = Location.parse(url, storage_options)
-        if not loc.exists(HEADER_FILE):
+        copy = intact_manifest_header(loc)
+        if not loc.exists(HEADER_FILE) and copy is None:
             raise CacheError(f"{loc.url}: no cache.json here; start the cache with `logitcache generate` first")
         try:
             doc = loc.read_json(HEADER_FILE)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CorruptCacheError(f"{loc.url_of(HEADER_FILE)}: unreadable ({e})") from e
+            damaged = header_file_damaged(loc)
+        except (ValueError, UnicodeDecodeError, FileNotFoundError) as e:
+            if copy is None:
+                raise CorruptCacheError(f"{loc.url_of(HEADER_FILE)}: {header_file_advice(loc, e)}") from e
+            damaged = True
+        if damaged and copy is not None:  # restore the header file from the manifest's checksummed copy
+            doc = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "header": copy}
+            loc.write_json_atomic(doc, HEADER_FILE)
         check_schema(doc, loc.url_of(HEADER_FILE))
         return CacheWriter(
-            url, CacheHeader.from_dict(doc["header"], loc.url_of(HEADER_FILE)), storage_options=storage_options
+            url,
+            CacheHeader.from_dict(doc["header"], loc.url_of(HEADER_FILE)),
+            storage_options=storage_options,
+            _header_restored=damaged and copy is not None,  # finalize records the restored file's checksum
         )
 
     # -- opening -----------------------------------------------------------------------------------------
     def _prepare(self, overwrite: bool) -> None:
         loc = self.loc
-        entries = loc.listdir() if loc.fs.exists(loc.root) else []
-        if loc.fs.exists(loc.root) and not loc.fs.isdir(loc.root):
+        exists = loc.exists()  # a fresh look (object stores: no cached listing)
+        entries = loc.listdir() if exists else []
+        if exists and not loc.fs.isdir(loc.root):
             raise CacheError(f"{loc.url}: exists and is a file, not a folder; choose another --out path")
         if entries and HEADER_FILE not in entries:
             if not overwrite:
@@ -115,10 +134,10 @@ class CacheWriter:
                 doc = loc.read_json(HEADER_FILE)
             except (ValueError, UnicodeDecodeError) as e:
                 if not overwrite:
-                    raise CorruptCacheError(
-                        f"{loc.url_of(HEADER_FILE)}: unreadable ({e}); pass --overwrite to start the cache again"
-                    ) from e
+                    raise CorruptCacheError(f"{loc.url_of(HEADER_FILE)}: {header_file_advice(loc, e)}") from e
                 doc = None
+            if doc is not None and not overwrite and not self._header_restored and header_file_damaged(loc):
+                raise CorruptCacheError(f"{loc.url_of(HEADER_FILE)}: {header_file_advice(loc)}")
             if doc is not None:
                 check_schema(doc, loc.url_of(HEADER_FILE))
                 existing = CacheHeader.from_dict(doc["header"], loc.url_of(HEADER_FILE))
@@ -245,10 +264,55 @@ class CacheWriter:
             "counters": dict(sorted(counters.items())),
             "summary": summarize(stats),
             "has_tokenizer": self.has_tokenizer(),
+            "checksums": {
+                "header": json_checksum(header),
+                HEADER_FILE: bytes_checksum(self.loc.read_bytes(HEADER_FILE)),
+                TOKENIZER_DIR: file_checksums(self.loc.child(TOKENIZER_DIR)) if self.has_tokenizer() else None,
+            },
             "finalized_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         self.loc.write_json_atomic(manifest, MANIFEST_FILE)
         return manifest
+
+
+def intact_manifest_header(loc: Location) -> dict[str, Any] | None:
+    """The header copy in ``loc``'s manifest.json if it is readable and passes its recorded checksum, else None.
+
+    A manifest from before header checksums (none recorded) counts as intact: there is nothing to check it by.
+    """
+    try:
+        manifest = loc.read_json(MANIFEST_FILE)
+        header = manifest["header"]
+        CacheHeader.from_dict(header)
+    except Exception:
+        return None
+    recorded = (manifest.get("checksums") or {}).get("header")
+    if recorded is not None and recorded != json_checksum(header):
+        return None
+    return header
+
+
+def header_file_damaged(loc: Location) -> bool:
+    """Whether ``cache.json``'s bytes disagree with the checksum the manifest recorded (False if none recorded)."""
+    try:
+        recorded = (loc.read_json(MANIFEST_FILE).get("checksums") or {}).get(HEADER_FILE)
+    except Exception:
+        return False
+    return recorded is not None and bytes_checksum(loc.read_bytes(HEADER_FILE)) != recorded
+
+
+def header_file_advice(loc: Location, error: Exception | None = None) -> str:
+    """What is wrong with a damaged ``cache.json`` and how to restore it (never 'pass --overwrite' if avoidable)."""
+    what = f"corrupt ({type(error).__name__}: {error})" if error is not None else "corrupt (content changed)"
+    if intact_manifest_header(loc) is not None:
+        return (
+            f"{what}; the shards have their own checksums and manifest.json holds an intact copy of the header: "
+            f"run `logitcache finalize {loc.url}` to restore cache.json from it, then rerun"
+        )
+    return (
+        f"{what}, and no intact copy of the header exists (the cache has no finalized manifest.json); its shards "
+        "cannot be trusted to match a rebuilt header: pass --overwrite to start the cache again (deletes them)"
+    )
 
 
 def _shard_stats(records: list[SequenceRecord], rows: PositionRows) -> dict[str, Any]:

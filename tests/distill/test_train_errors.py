@@ -50,6 +50,8 @@ def test_no_alignment_store_for_this_student(setup, tmp_path):
 
 
 def test_alignment_made_for_another_tokenizer(setup, tmp_path):
+    from logitcache.storage.shards import bytes_checksum, json_checksum
+
     cache = tmp_path / "cache"
     shutil.copytree(setup["cache"], cache)
     store_json = next((cache / "alignments").glob("*/store.json"))
@@ -59,7 +61,8 @@ def test_alignment_made_for_another_tokenizer(setup, tmp_path):
     manifest = store_json.with_name("manifest.json")
     m = json.loads(manifest.read_text())
     m["header"]["student"]["tokenizer_fingerprint"] = "f" * 64
-    manifest.write_text(json.dumps(m))
+    m["checksums"].update(header=json_checksum(m["header"]), **{"store.json": bytes_checksum(store_json.read_bytes())})
+    manifest.write_text(json.dumps(m))  # resealed: a sound store made for another tokenizer
     one_line_error(train(setup, tmp_path / "run", cache=cache), "another tokenizer", "--overwrite")
 
 
