@@ -386,3 +386,40 @@ def model_identity(
         "tokenizer_fingerprint": fingerprint,
         "chat_template_hash": template_hash,
     }
+
+
+# ------------------------------------------------------------------------------------------------ end tokens
+
+
+def end_token_ids(tokenizer: Any, generation: Any = None) -> list[int]:
+    """The ids a teacher stops on: the tokenizer's ``eos_token_id`` and the generation config's ``eos_token_id``.
+
+    Chat models often list more end tokens in ``generation_config.json`` than the tokenizer's one ``eos_token``
+    (Gemma-3-it: ``<eos>`` and ``<end_of_turn>``; Llama-3-Instruct: ``<|eot_id|>``); both engines, stage one's
+    records and eval must agree on the union. ``generation`` is a ``GenerationConfig`` (or a model, whose
+    ``generation_config`` is used), or a model folder: its ``generation_config.json``, else its ``config.json``
+    (what transformers derives the generation config from), else nothing. Sorted, no duplicates.
+    """
+    values: list[Any] = [getattr(tokenizer, "eos_token_id", None)]
+    if generation is not None and not isinstance(generation, str | os.PathLike):
+        generation = getattr(generation, "generation_config", generation)
+        values.append(getattr(generation, "eos_token_id", None))
+    elif generation is not None:
+        folder = Path(generation)
+        for name in ("generation_config.json", "config.json"):
+            try:
+                doc = json.loads((folder / name).read_text())
+            except (OSError, ValueError):
+                continue
+            value = doc.get("eos_token_id")
+            if value is None and isinstance(doc.get("text_config"), dict):
+                value = doc["text_config"].get("eos_token_id")
+            values.append(value)
+            break  # transformers reads config.json only when generation_config.json is missing
+    ids: set[int] = set()
+    for value in values:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value if v is not None)
+    return sorted(ids)

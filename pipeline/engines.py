@@ -34,8 +34,7 @@ class HfEngine:
         from .backend_hf import vocab_width
 
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-        self.model = load_model(cfg.model, dtype=dtype, device=device)
+        self.model = load_model(cfg.model, dtype=cfg.resolved_dtype(), device=device)
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.vocab_size = vocab_width(self.model)
@@ -87,7 +86,7 @@ class VllmEngine:
         if cfg.extra_temperatures:
             raise ValueError("--extra-temperatures needs the full logits, which only --backend hf sees")
         gpu = torch.cuda.is_available()
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if gpu else "float32")
+        dtype = cfg.resolved_dtype()
         kwargs: dict[str, Any] = {}
         if gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization

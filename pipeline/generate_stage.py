@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from logitcache.config import check, option, to_dict
 from logitcache.inputs import InputFields, input_fingerprint, read_inputs, shard_ranges, shards_for_task
-from logitcache.prompts import Prepared, prepare, resolve_chat_template, truncate
+from logitcache.prompts import Prepared, prepare, resolve_chat_template, score_end_token, truncate
 from logitcache.storage import CacheHeader, CacheWriter, SequenceRecord
 
 from .outputs import generated_record, scored_record
@@ -76,7 +76,11 @@ class GenerateConfig:
         "(generate: fewer new tokens). Both are counted in the manifest.",
         choices=["skip", "truncate"],
     )
-    score_eos: bool = option(True, "Score mode: append the teacher's EOS so the cache also teaches stopping.")
+    score_eos: bool = option(
+        True,
+        "Score mode: append the token that ends the teacher's assistant turn (its chat template's, e.g. <|im_end|>; "
+        "else its EOS) so the cache also teaches stopping.",
+    )
     extra_temperatures: list[float] = option([], "Also store logsumexp(logits/tau) per position (hf backend).")
     shard_size: int = option(256, "Samples per cache shard (the unit of work, atomicity and resume).")
     num_shards: int = option(1, "Job arrays: number of tasks splitting the shards.")
@@ -95,6 +99,12 @@ class GenerateConfig:
         "logprobs cost tokens x vocab x 8 bytes, outside vLLM's memory profiling).",
     )
     threads: int | None = option(None, "Torch intra-op threads for --backend hf (default: torch's).")
+    on_sample_error: str = option(
+        "skip",
+        "A sample whose record cannot be built (its text does not tokenize, the template rejects it, ...): skip it "
+        "(counted as skipped_error and named in the manifest and the summary), or fail the run naming it.",
+        choices=["skip", "fail"],
+    )
     overwrite: bool = option(False, "Replace an existing cache of a different config at --out.")
 
     def __post_init__(self) -> None:
@@ -149,8 +159,21 @@ class GenerateConfig:
             "chunk_positions",
             "max_num_batched_tokens",
             "threads",
+            "on_sample_error",
         }
-        return {k: v for k, v in to_dict(self).items() if k not in skip}
+        out = {k: v for k, v in to_dict(self).items() if k not in skip}
+        out["dtype"] = self.resolved_dtype()  # --dtype auto and the dtype it picks make the same cache
+        return out
+
+    def resolved_dtype(self) -> str:
+        """The teacher dtype ``--dtype`` stands for (auto: bfloat16 on a GPU, float32 on the CPU), both backends."""
+        if self.dtype != "auto":
+            return self.dtype
+        if self.device is not None and self.backend == "hf":  # vLLM picks its device itself
+            return "bfloat16" if self.device.startswith("cuda") else "float32"
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
 # -- one shard ------------------------------------------------------------------------------------------------
@@ -185,9 +208,38 @@ def _batch_seed(seed: int, shard: int, batch: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{shard}/{batch}".encode()).digest()[:4], "little")
 
 
+class SampleError(RuntimeError):
+    """One sample's record could not be built and ``--on-sample-error fail`` was chosen; names the sample."""
+
+
+MAX_NAMED_SKIPS = 20  # per shard: skipped samples named (id and reason) in the shard marker and the manifest
+
+
+def _skip(cfg: GenerateConfig, sample: object, error: Exception, counters: dict[str, int],
+          skipped: list[dict[str, Any]]) -> None:
+    """Apply ``--on-sample-error`` to a sample whose record failed: count and name it, or raise naming it."""
+    from logitcache.config import ConfigError
+
+    if isinstance(error, ConfigError):  # a user mistake that every sample shares: never skipped
+        raise error
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    if cfg.on_sample_error == "fail":
+        raise SampleError(
+            f"sample {sample}: its record cannot be built ({reason}); pass --on-sample-error skip to skip such "
+            "samples (counted and named in the manifest)"
+        ) from error
+    counters["skipped_error"] = counters.get("skipped_error", 0) + 1
+    if len(skipped) < MAX_NAMED_SKIPS:
+        skipped.append({"sample_id": sample, "reason": reason[:300]})
+
+
 def process_shard(cfg: GenerateConfig, shard: int, tokenizer: Any, progress: Any = None) -> dict[str, Any]:
-    """Run the teacher over one shard's samples and write the shard. Returns its marker plus timing."""
-    from logitcache.models import load_tokenizer
+    """Run the teacher over one shard's samples and write the shard. Returns its marker plus timing.
+
+    ``tokens`` in the result (and the second argument of ``progress``) counts *cached positions* (rows written):
+    completion tokens plus the end row, in both modes, so throughput reads the same in score and generate mode.
+    """
+    from logitcache.models import end_token_ids, load_tokenizer, resolve_model
 
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     records = _inputs(cfg)
@@ -196,9 +248,16 @@ def process_shard(cfg: GenerateConfig, shard: int, tokenizer: Any, progress: Any
     max_len = min(cfg.max_length or engine.max_length, engine.max_length)
     template = resolve_chat_template(tokenizer, cfg.chat_template)
     counters: dict[str, int] = {}
+    skipped: list[dict[str, Any]] = []
     prepared: list[Prepared] = []
     for rec in records[start:stop]:
-        p = prepare(tokenizer, rec, template, cfg.mode, cfg.score_eos, cfg.system_prompt)
+        try:
+            p = prepare(tokenizer, rec, template, cfg.mode, cfg.score_eos, cfg.system_prompt)
+        except Exception as e:  # one bad sample must not kill the run (--on-sample-error)
+            _skip(cfg, rec.sample_id, e, counters, skipped)
+            continue
+        for key, n in p.notes.items():
+            counters[key] = counters.get(key, 0) + n
         budget = len(p.token_ids) if cfg.mode == "score" else p.prompt_len + 1
         if budget > max_len or p.prompt_len >= max_len:
             if cfg.overlong == "skip" or p.prompt_len >= max_len:
@@ -209,29 +268,34 @@ def process_shard(cfg: GenerateConfig, shard: int, tokenizer: Any, progress: Any
         prepared.append(p)
     order = sorted(range(len(prepared)), key=lambda i: (len(prepared[i].token_ids), i))
     out: dict[int, SequenceRecord] = {}
-    eos_ids = {int(e) for e in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
+    eos_ids = set(end_token_ids(tokenizer, resolve_model(cfg.model)))  # what both engines stop on
     t0, tokens = time.perf_counter(), 0
     for b, lo in enumerate(range(0, len(order), cfg.batch_size)):
         batch = [prepared[i] for i in order[lo : lo + cfg.batch_size]]
         if cfg.mode == "score":
-            rows = engine.score([p.token_ids for p in batch], [p.prompt_len for p in batch])
-            for p, r in zip(batch, rows, strict=True):
-                out[p.record.sample_id] = scored_record(p, r)
-                tokens += len(p.token_ids)
+            results: list[Any] = engine.score([p.token_ids for p in batch], [p.prompt_len for p in batch])
         else:
             prompts = [p.token_ids[: p.prompt_len] for p in batch]
-            for p, (ids, reason, rows) in zip(
-                batch, engine.generate(prompts, _batch_seed(cfg.seed, shard, b)), strict=True
-            ):
-                room = max_len - p.prompt_len
-                if len(ids) > room:  # the context ends before max_new_tokens
-                    ids, rows, reason = ids[:room], rows.slice(0, room), "length"
-                out[p.record.sample_id] = generated_record(tokenizer, p, ids, reason, rows, eos_ids, counters)
-                tokens += len(ids)
+            results = engine.generate(prompts, _batch_seed(cfg.seed, shard, b))
+        for p, result in zip(batch, results, strict=True):
+            try:
+                if cfg.mode == "score":
+                    record = scored_record(p, result)
+                else:
+                    ids, reason, rows = result
+                    room = max_len - p.prompt_len
+                    if len(ids) > room:  # the context ends before max_new_tokens
+                        ids, rows, reason = ids[:room], rows.slice(0, room), "length"
+                    record = generated_record(tokenizer, p, ids, reason, rows, eos_ids, counters)
+            except Exception as e:  # see --on-sample-error
+                _skip(cfg, p.record.sample_id, e, counters, skipped)
+                continue
+            out[p.record.sample_id] = record
+            tokens += record.rows.n
         if progress is not None:
             progress(len(batch), tokens)
     writer = CacheWriter.resume(cfg.out)
-    marker = writer.write_shard(shard, [out[k] for k in sorted(out)], counters)
+    marker = writer.write_shard(shard, [out[k] for k in sorted(out)], counters, skipped=skipped)
     return {**marker, "seconds": time.perf_counter() - t0, "tokens": tokens}
 
 
@@ -259,6 +323,14 @@ def build_header(cfg: GenerateConfig, tokenizer: Any, vocab_size: int) -> CacheH
             "extra_temperatures",
         )
     }
+    from logitcache.models import end_token_ids, resolve_model
+
+    template = resolve_chat_template(tokenizer, cfg.chat_template)
+    ends = end_token_ids(tokenizer, resolve_model(cfg.model))
+    capture["end_token_ids"] = ends  # generate: both engines stop on these; the last one is not text
+    capture["end_tokens"] = [tokenizer.convert_ids_to_tokens(i) for i in ends]
+    if cfg.mode == "score" and cfg.score_eos:
+        capture["score_end_token"] = score_end_token(tokenizer, template)  # appended after every response
     return CacheHeader(
         top_k=cfg.top_k,
         vocab_size=vocab_size,
@@ -338,7 +410,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
 
             def progress(n: int, tokens: int) -> None:
                 bar.update(n)
-                bar.set_postfix(tok_s=f"{(state['tokens'] + tokens) / max(time.perf_counter() - t0, 1e-9):.1f}")
+                bar.set_postfix(pos_s=f"{(state['tokens'] + tokens) / max(time.perf_counter() - t0, 1e-9):.1f}")
 
             for s in todo:
                 marker = process_shard(cfg, s, tokenizer, progress)
@@ -365,7 +437,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
                     summary["tokens"] += marker["tokens"]
                     summary["sequences"] += marker["sequences"]
                     bar.update(ranges[futures[fut]][1] - ranges[futures[fut]][0])
-                    bar.set_postfix(tok_s=f"{summary['tokens'] / (time.perf_counter() - t0):.1f}")
+                    bar.set_postfix(pos_s=f"{summary['tokens'] / (time.perf_counter() - t0):.1f}")
             if cluster is not None:
                 cluster.close()
     finally:
@@ -377,6 +449,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
         manifest = writer.finalize()
         summary["positions"] = manifest["stats"]["positions"]
         summary["counters"] = manifest["counters"]
+        summary["skipped_samples"] = manifest.get("skipped_samples", [])
     return summary
 
 
