@@ -36,9 +36,11 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -219,20 +221,39 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         import gguf as _gguf  # noqa: F401
     except ImportError as exc:
         raise ModelSpecError("loading a .gguf needs the gguf extra: pip install 'logitcache[gguf]'") from exc
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent,
-        gguf_file=gguf.name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
+    size_mb = gguf.stat().st_size / 2**20
+    _say(f"logitcache: converting {gguf.name} ({size_mb:,.0f} MiB) into a float32 folder, once (later runs reuse "
+         f"it from {model_cache_root()}); this can take minutes")
+    with _phase("reading the tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _phase("dequantizing the weights"):
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
     # The weights are plain floats now; the quantizer only blocks save_pretrained.
     model.hf_quantizer = None
     for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with _phase("saving the float32 folder"):
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _phase(what: str) -> Iterator[None]:
+    """One stderr line per conversion phase, with its time: conversion is silent for minutes otherwise."""
+    t0 = time.perf_counter()
+    _say(f"logitcache:   {what} ...")
+    yield
+    _say(f"logitcache:   {what}: done in {time.perf_counter() - t0:.1f}s")
 
 
 # ------------------------------------------------------------------------------------------------------ load

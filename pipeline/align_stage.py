@@ -213,7 +213,7 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
             def progress(n: int, t: int) -> None:
                 tokens[0] += t
                 bar.update(n)
-                bar.set_postfix(tok_s=f"{tokens[0] / max(time.perf_counter() - t0, 1e-9):,.0f}")
+                bar.set_postfix(student_tok_s=f"{tokens[0] / max(time.perf_counter() - t0, 1e-9):,.0f}")
 
             for index in todo:
                 align_shard(cfg, header, index, progress)
