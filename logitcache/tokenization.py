@@ -27,8 +27,10 @@ completion's first bytes would belong to neither side and break the loss span. T
 produces (the sampled ids follow the prompt ids). The prompt gets the special tokens the tokenizer's
 post-processor puts *before* the text (BOS), never the ones after it (EOS/SEP); by default they are not added
 again when the rendered prompt already starts with them (chat templates often write ``<bos>`` themselves). The
-completion gets none. Trade-off: with a dummy-prefix tokenizer the completion's first token carries the prefix
-(``▁Hello`` for ``Hello``), which is how such tokenizers see any text start.
+completion gets none, and is tokenized with special-token parsing off (`plain_text`): it is data, so
+``<|im_end|>`` inside it is text, never a control token; prompt spans that are user data can be marked the same
+way (``plain_spans``, see `logitcache.prompts`). Trade-off: with a dummy-prefix tokenizer the completion's first
+token carries the prefix (``▁Hello`` for ``Hello``), which is how such tokenizers see any text start.
 """
 
 from __future__ import annotations
@@ -327,6 +329,7 @@ def _mismatch(info: TokenBytes, sample: object, text_b: bytes, got: bytes, hint:
 
 def _walk(
     info: TokenBytes, ids: list[int], text_b: bytes, zero: list[bool], spans: list[tuple[int, int] | None],
+    dummy_after_added: bool = True,
 ) -> tuple[np.ndarray, int, bytes]:
     """Per-token match of ``ids`` against ``text_b``; returns (offsets, bytes matched, bytes the tokens wrote).
 
@@ -335,7 +338,9 @@ def _walk(
     has it at the cursor, else cover zero bytes. Metaspace pieces match ``▁`` as a space or a literal ``▁``, and
     their first ``▁`` may be a dummy prefix (zero bytes) at the text start or after an added token: tried first
     when a normalizer prepends unconditionally, else only when the literal match fails (a Metaspace
-    pre-tokenizer does not prepend to text that already starts with a space).
+    pre-tokenizer does not prepend to text that already starts with a space). ``dummy_after_added=False`` allows
+    no dummy after an added token: a special token's text encoded as plain text (special parsing off) can be a
+    vocabulary piece, after which no dummy is prepended; callers retry with it when the first walk fails.
     """
     offs = np.zeros(len(ids), np.int64)
     cur = 0
@@ -349,7 +354,7 @@ def _walk(
         if span is not None:
             if span[0] != cur:
                 return offs, cur, text_b[:cur] + info.pieces[tid]
-            cur, dummy_ok = span[1], True
+            cur, dummy_ok = span[1], dummy_after_added
             continue
         piece = info.pieces[tid]
         raw = info.raw[tid]
@@ -363,7 +368,7 @@ def _walk(
                 cur += len(piece)
             elif not info.special[tid]:
                 return offs, cur, text_b[:cur] + piece
-            dummy_ok = True
+            dummy_ok = dummy_after_added
             continue
         if text_b.startswith(piece, cur):
             cur += len(piece)
@@ -465,9 +470,13 @@ def _offsets_from_encoding(
         if parts[first][:1] == b" " and spans[first] is None:
             widths[first] -= 1
             return np.concatenate(([0], np.cumsum(widths[:-1])))
-    offs, cur, got = _walk(info, ids, text_b, post.tolist(), spans)
-    if cur == len(text_b) and got == text_b:
-        return offs
+    tries = []
+    for dummy_after_added in (True, False):
+        offs, cur, got = _walk(info, ids, text_b, post.tolist(), spans, dummy_after_added)
+        if cur == len(text_b) and got == text_b:
+            return offs
+        tries.append((cur, got))
+    cur, got = tries[0]  # the usual reading explains a mismatch best
     if on_mismatch == "char_offsets":
         return _from_char_offsets(enc.offsets, post.tolist(), widths, c2b if c2b is not None else
                                   _char_to_byte(text, text_b))
@@ -531,10 +540,12 @@ def byte_offsets_for_ids(tokenizer: Any, ids: Any, text: str, *, sample: object 
             widths = np.where(zero, 0, info.lengths[arr])
             return np.concatenate(([0], np.cumsum(widths[:-1]))).astype(np.int64) if arr.size else widths
     n = len(ids_l)
+    for dummy_after_added in (True, False):
+        offs, cur, got = _walk(info, ids_l, text_b, [False] * n, [None] * n, dummy_after_added)
+        if cur == len(text_b) and got == text_b:
+            return offs
     offs, cur, got = _walk(info, ids_l, text_b, [False] * n, [None] * n)
-    if cur != len(text_b) or got != text_b:
-        raise TokenizationMismatchError(_mismatch(info, sample, text_b, got))
-    return offs
+    raise TokenizationMismatchError(_mismatch(info, sample, text_b, got))
 
 
 @contextmanager

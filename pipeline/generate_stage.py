@@ -9,6 +9,9 @@ The work unit is a cache shard of ``--shard-size`` consecutive samples (a pure f
 - ``--workers N`` starts a local ``dask.distributed`` cluster of N processes, ``--scheduler ADDRESS`` uses an
   existing one; each worker process loads one engine and keeps it for all the shards it is given.
 
+A sample whose record cannot be built (its text does not tokenize, its template raises, ...) is skipped, counted
+and named in the manifest (``--on-sample-error skip``, the default) or stops the run naming it (``fail``).
+
 Results do not depend on who ran a shard: the sampling seed of a batch is derived from (``--seed``, shard,
 batch), and batches are formed the same way everywhere (samples of a shard sorted by length, then cut into
 ``--batch-size`` groups).

@@ -268,10 +268,6 @@ def test_prompt_completion(name: str, prompt: str, completion: str) -> None:
     tok = tok_of(name)
     if name == "legacy_unigram" and "<0x" in prompt + completion:
         return  # see test_any_text_gets_exact_offsets
-    if name == "legacy_unigram" and "▁" in completion and "<" in completion:
-        # its Unigram vocabulary spells "<s>" as a piece: with special parsing off, "<s>▁" is ambiguous to the
-        # byte walk (a legacy dummy ▁ after "<s>", or the literal ▁); real SentencePiece models keep controls out
-        return
     ids, offs, p = encode_prompt_completion(tok, prompt, completion)
     pn = len(prompt.encode())
     info = token_bytes_info(tok)
@@ -346,3 +342,17 @@ def test_alignment_error_is_one_line() -> None:
     with pytest.raises(AlignmentError) as err:
         _check_token_bytes(token_bytes_info(s), ids, offs, b"ax", "student", 5)
     assert "sample 5" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("completion", ["The marker is <|im_end|> here.", "<s>▁", "a</s>", "<|bos|> x <|eos|>"])
+def test_special_token_text_in_completion_is_plain_text(name: str, completion: str) -> None:
+    tok = tok_of(name)
+    ids, offs, p = encode_prompt_completion(tok, "Q: ", completion)
+    special = token_bytes_info(tok).special
+    if not (name == "legacy_unigram" and "s>" in completion):  # its Unigram model itself has "<s>" as a piece
+        assert not special[ids[p:]].any()  # special parsing is off in the completion, so no control token
+    assert_exact(tok, "Q: " + completion, ids, offs)
+    tok(completion, split_special_tokens=True)  # leaves the backend's switch on: the prompt must still parse
+    ids, _, p = encode_prompt_completion(tok, "<s><|bos|>", "")
+    assert special[ids[:p]].any()
