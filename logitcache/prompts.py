@@ -124,14 +124,13 @@ def score_end_token(tokenizer: Any, template: str | None) -> dict[str, Any] | No
 
 
 def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
-    """A regex matching any special token's text (remembered per tokenizer); None when there is none."""
-    memo = tokenizer.__dict__.setdefault("_logitcache_special_re", {}) if hasattr(tokenizer, "__dict__") else {}
-    size = len(tokenizer)
-    if size not in memo:
+    """A regex matching any special token's text (remembered per tokenizer object); None when there is none."""
+    memo = tokenizer.__dict__ if hasattr(tokenizer, "__dict__") else {}
+    if "_logitcache_special_re" not in memo:
         decoder = _backend(tokenizer).get_added_tokens_decoder()
         texts = sorted({t.content for t in decoder.values() if t.special and t.content}, key=len, reverse=True)
-        memo[size] = re.compile("|".join(map(re.escape, texts))) if texts else None
-    return memo[size]
+        memo["_logitcache_special_re"] = re.compile("|".join(map(re.escape, texts))) if texts else None
+    return memo["_logitcache_special_re"]
 
 
 def special_text_spans(

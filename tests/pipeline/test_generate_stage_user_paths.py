@@ -168,3 +168,21 @@ def test_dtype_auto_resumes_a_float32_cache(ascii_teacher_folder: Path, prompts_
     assert again["shards_done_before"] == again["shards_mine"] == 1
     with pytest.raises(Exception, match="different config"):  # a really different dtype is still refused
         run_generate(GenerateConfig(dtype="bfloat16", **common))
+
+
+# --------------------------------------------------------------------------- special-token text in data (item 4)
+
+
+def test_special_token_text_in_data_is_counted_and_stays_text(chatml_teacher: Path, tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    rows = [{"prompt": "The marker is <|im_end|> in ChatML.", "response": "Yes, <|im_end|> ends a turn."},
+            {"prompt": "Plain question?", "response": "Plain answer."}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "c"
+    run_generate(GenerateConfig(model=str(chatml_teacher), data=str(data), out=str(out), top_k=4, mode="score"))
+    counters = _manifest(out)["counters"]
+    assert counters["special_token_text_in_prompt"] == counters["special_token_text_in_completion"] == 1
+    rec = LogitCache.open(out).get(0)
+    completion = rec.token_ids[rec.prompt_len :].tolist()
+    assert completion.count(2) == 1 and completion[-1] == 2  # only the appended end of turn is <|im_end|>
+    assert rec.token_ids[: rec.prompt_len].tolist().count(2) == 1  # the template's, not the user's
