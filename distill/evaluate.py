@@ -96,11 +96,9 @@ def rouge(prediction: str, reference: str) -> dict[str, float]:
 
 # -- model side --------------------------------------------------------------------------------------------------
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
-    ids |= {int(e) for e in (extra if isinstance(extra, list) else [extra]) if e is not None}
-    return sorted(ids)
+    from logitcache.models import end_token_ids
+
+    return end_token_ids(tokenizer, model)
 
 
 def _left_pad(seqs: list[np.ndarray], pad: int, device: Any) -> tuple[Any, Any]:

@@ -94,8 +94,8 @@ def generate(config_file: str | None, **flags: Any) -> None:
     summary = run_generate(cfg)
     rate = summary["tokens"] / summary["seconds"] if summary.get("seconds") else 0.0
     line = (
-        f"generate: {summary['sequences']} sequences, {summary['tokens']} tokens in {summary['seconds']:.1f}s "
-        f"({rate:.1f} tok/s); shards {summary['shards_done_before']} already done, "
+        f"generate: {summary['sequences']} sequences, {summary['tokens']} cached positions in "
+        f"{summary['seconds']:.1f}s ({rate:.1f} pos/s); shards {summary['shards_done_before']} already done, "
         f"{summary['shards_mine']} for this task of {summary['shards_total']}"
     )
     if summary["finalized"]:
@@ -103,6 +103,11 @@ def generate(config_file: str | None, **flags: Any) -> None:
         line += "".join(f", {k} {v}" for k, v in summary.get("counters", {}).items()) + ")"
     else:
         line += f"; not finalized yet: run `logitcache finalize {cfg.out}` once every task is done"
+    skipped = summary.get("skipped_samples") or []
+    if skipped:
+        shown = "; ".join(f"sample {s['sample_id']}: {s['reason']}" for s in skipped[:5])
+        more = f" (and {len(skipped) - 5} more in the manifest)" if len(skipped) > 5 else ""
+        line += f"\nskipped (--on-sample-error skip): {shown}{more}"
     click.echo(line)
 
 

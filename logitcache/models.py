@@ -43,9 +43,11 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -266,20 +268,39 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         import gguf as _gguf  # noqa: F401
     except ImportError as exc:
         raise ModelSpecError("loading a .gguf needs the gguf extra: pip install 'logitcache[gguf]'") from exc
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent,
-        gguf_file=gguf.name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
+    size_mb = gguf.stat().st_size / 2**20
+    _say(f"logitcache: converting {gguf.name} ({size_mb:,.0f} MiB) into a float32 folder, once (later runs reuse "
+         f"it from {model_cache_root()}); this can take minutes")
+    with _phase("reading the tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _phase("dequantizing the weights"):
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
     # The weights are plain floats now; the quantizer only blocks save_pretrained.
     model.hf_quantizer = None
     for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with _phase("saving the float32 folder"):
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _phase(what: str) -> Iterator[None]:
+    """One stderr line per conversion phase, with its time: conversion is silent for minutes otherwise."""
+    t0 = time.perf_counter()
+    _say(f"logitcache:   {what} ...")
+    yield
+    _say(f"logitcache:   {what}: done in {time.perf_counter() - t0:.1f}s")
 
 
 # ------------------------------------------------------------------------------------------------------ load
@@ -466,3 +487,40 @@ def model_identity(
         "tokenizer_fingerprint": fingerprint,
         "chat_template_hash": template_hash,
     }
+
+
+# ------------------------------------------------------------------------------------------------ end tokens
+
+
+def end_token_ids(tokenizer: Any, generation: Any = None) -> list[int]:
+    """The ids a teacher stops on: the tokenizer's ``eos_token_id`` and the generation config's ``eos_token_id``.
+
+    Chat models often list more end tokens in ``generation_config.json`` than the tokenizer's one ``eos_token``
+    (Gemma-3-it: ``<eos>`` and ``<end_of_turn>``; Llama-3-Instruct: ``<|eot_id|>``); both engines, stage one's
+    records and eval must agree on the union. ``generation`` is a ``GenerationConfig`` (or a model, whose
+    ``generation_config`` is used), or a model folder: its ``generation_config.json``, else its ``config.json``
+    (what transformers derives the generation config from), else nothing. Sorted, no duplicates.
+    """
+    values: list[Any] = [getattr(tokenizer, "eos_token_id", None)]
+    if generation is not None and not isinstance(generation, str | os.PathLike):
+        generation = getattr(generation, "generation_config", generation)
+        values.append(getattr(generation, "eos_token_id", None))
+    elif generation is not None:
+        folder = Path(generation)
+        for name in ("generation_config.json", "config.json"):
+            try:
+                doc = json.loads((folder / name).read_text())
+            except (OSError, ValueError):
+                continue
+            value = doc.get("eos_token_id")
+            if value is None and isinstance(doc.get("text_config"), dict):
+                value = doc["text_config"].get("eos_token_id")
+            values.append(value)
+            break  # transformers reads config.json only when generation_config.json is missing
+    ids: set[int] = set()
+    for value in values:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value if v is not None)
+    return sorted(ids)

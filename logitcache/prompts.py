@@ -7,20 +7,31 @@ model wants one). Without a template (``--chat-template none``, or a model witho
 as is and the tokenizer adds its BOS; ``messages`` then need a template and are refused.
 
 Score mode tokenizes the response separately from the prompt (so the completion starts at a token boundary) and
-appends the teacher's EOS (``--score-eos``) so the cache also teaches when to stop. Generate (``pipeline``), align
-(``pipeline``) and eval (``distill``) all render through here, so a prompt means the same text everywhere.
+appends the token that ends an assistant turn (``--score-eos``; `score_end_token`: what the chat template closes
+an assistant turn with, such as ``<|im_end|>``, else the tokenizer's EOS) so the cache also teaches when to stop.
+
+Input text is data, never markup: special-token text inside a prompt or response (``"the marker is <|im_end|>"``)
+is tokenized as plain text. The completion always is (`encode_prompt_completion`); in the rendered prompt only the
+contents that hold such text are cut out and tokenized with special-token parsing off, so the template's own
+markers stay control tokens and every other prompt tokenizes exactly as the model's chat server would (one
+piece). Such samples are counted (``special_token_text_in_prompt`` / ``_in_completion``) and warned about once.
+
+Generate (``pipeline``), align (``pipeline``) and eval (``distill``) all render through here, so a prompt means
+the same text everywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from logitcache.inputs import InputError, InputRecord
-from logitcache.tokenization import encode_prompt_completion
+from logitcache.tokenization import _backend, encode_prompt_completion, special_parsing
 
 
 @dataclass
@@ -34,6 +45,7 @@ class Prepared:
     byte_offsets: np.ndarray
     prompt_len: int
     messages: list[dict[str, str]]
+    notes: dict[str, int] = dataclasses.field(default_factory=dict)  # counters for the shard (special-token text)
 
 
 def resolve_chat_template(tokenizer: Any, setting: str) -> str | None:
@@ -69,6 +81,90 @@ def render_messages(tokenizer: Any, messages: list[dict[str, str]], template: st
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 
+_MARK = "LOGITCACHE0TURN0END0MARK"
+
+
+def score_end_token(tokenizer: Any, template: str | None) -> dict[str, Any] | None:
+    """The token ``--score-eos`` appends: what the chat template closes an assistant turn with, else the EOS.
+
+    Chat teachers end a turn with their own marker (``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``), which is
+    often not ``tokenizer.eos_token``: the template is rendered with an assistant message holding a marker and
+    the first special token after the marker is taken. Without a template, or when that finds nothing, the
+    tokenizer's EOS. Returns ``{"id", "text", "source": "chat_template" | "eos_token"}`` or None (no EOS at all).
+    Remembered per tokenizer and template.
+    """
+    memo = tokenizer.__dict__.setdefault("_logitcache_turn_end", {}) if hasattr(tokenizer, "__dict__") else {}
+    if template in memo:
+        return memo[template]
+    found: dict[str, Any] | None = None
+    if template is not None:
+        try:
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}],
+                chat_template=template, tokenize=False, add_generation_prompt=False,
+            )
+        except Exception:  # a template that refuses this conversation: fall back to the EOS
+            rendered = ""
+        at = rendered.find(_MARK)
+        if at >= 0:
+            from logitcache.tokenization import token_bytes_info
+
+            info = token_bytes_info(tokenizer)
+            with special_parsing(tokenizer, on=True) as backend:
+                enc = backend.encode(rendered[at + len(_MARK) :], add_special_tokens=False)
+            for tid in enc.ids:
+                if info.special[tid] or info.added[tid]:
+                    found = {"id": int(tid), "text": info.pieces[tid].decode("utf-8", "replace"),
+                             "source": "chat_template"}
+                    break
+    if found is None and getattr(tokenizer, "eos_token_id", None) is not None:
+        found = {"id": int(tokenizer.eos_token_id), "text": str(tokenizer.eos_token), "source": "eos_token"}
+    memo[template] = found
+    return found
+
+
+def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """A regex matching any special token's text (remembered per tokenizer object); None when there is none."""
+    memo = tokenizer.__dict__ if hasattr(tokenizer, "__dict__") else {}
+    if "_logitcache_special_re" not in memo:
+        decoder = _backend(tokenizer).get_added_tokens_decoder()
+        texts = sorted({t.content for t in decoder.values() if t.special and t.content}, key=len, reverse=True)
+        memo["_logitcache_special_re"] = re.compile("|".join(map(re.escape, texts))) if texts else None
+    return memo["_logitcache_special_re"]
+
+
+def special_text_spans(
+    tokenizer: Any, prompt_text: str, messages: list[dict[str, str]], template: str | None
+) -> tuple[list[tuple[int, int]], int]:
+    """(character spans of ``prompt_text`` to tokenize as plain text, messages holding special-token text).
+
+    A message whose content holds a special token's text (``"The marker is <|im_end|>"``) is data, not markup:
+    its span in the rendered prompt (found in order, as is or stripped, which is how templates insert content)
+    is tokenized with special-token parsing off. Only such messages get a span, so every other prompt is
+    tokenized exactly as before, in one piece. A content the template rewrote beyond stripping is not found:
+    it is still counted, and its text stays special.
+    """
+    pattern = _special_pattern(tokenizer)
+    if pattern is None:
+        return [], 0
+    if template is None:  # the prompt is the user's text itself
+        return ([(0, len(prompt_text))], 1) if pattern.search(prompt_text) else ([], 0)
+    spans: list[tuple[int, int]] = []
+    count, cur = 0, 0
+    for m in messages:
+        content = m.get("content") or ""
+        if not isinstance(content, str) or not pattern.search(content):
+            continue
+        count += 1
+        for text in (content, content.strip()):
+            at = prompt_text.find(text, cur)
+            if at >= 0:
+                spans.append((at, at + len(text)))
+                cur = at + len(text)
+                break
+    return spans, count
+
+
 def prepare(
     tokenizer: Any, rec: InputRecord, template: str | None, mode: str, score_eos: bool, system_prompt: str | None = None
 ) -> Prepared:
@@ -80,17 +176,32 @@ def prepare(
         )
     prompt_text = render_messages(tokenizer, messages, template, rec.sample_id)
     completion = rec.response if mode == "score" else ""
+    spans, in_prompt = special_text_spans(tokenizer, prompt_text, messages, template)
+    notes: dict[str, int] = {}
+    if in_prompt:
+        notes["special_token_text_in_prompt"] = 1
+    pattern = _special_pattern(tokenizer)
+    if completion and pattern is not None and pattern.search(completion):
+        notes["special_token_text_in_completion"] = 1
+    if notes:
+        warnings.warn(
+            "some input text holds special-token text (such as <|im_end|>): it is tokenized as plain text, not as "
+            "control tokens; counted as special_token_text_in_prompt / _in_completion in the manifest",
+            stacklevel=2,
+        )
     ids, offs, plen = encode_prompt_completion(
         tokenizer,
         prompt_text,
         completion or "",
         prompt_special_tokens=False if template else None,
         sample=rec.sample_id,
+        plain_spans=spans,
     )
-    if mode == "score" and score_eos and tokenizer.eos_token_id is not None:
-        ids = np.append(ids, np.int32(tokenizer.eos_token_id))
+    end = score_end_token(tokenizer, template) if mode == "score" and score_eos else None
+    if end is not None:
+        ids = np.append(ids, np.int32(end["id"]))
         offs = np.append(offs, np.int64(len((prompt_text + (completion or "")).encode("utf-8"))))
-    return Prepared(rec, prompt_text, completion or "", ids, offs, plen, messages)
+    return Prepared(rec, prompt_text, completion or "", ids, offs, plen, messages, notes)
 
 
 def truncate(p: Prepared, max_tokens: int) -> Prepared:

@@ -27,8 +27,10 @@ completion's first bytes would belong to neither side and break the loss span. T
 produces (the sampled ids follow the prompt ids). The prompt gets the special tokens the tokenizer's
 post-processor puts *before* the text (BOS), never the ones after it (EOS/SEP); by default they are not added
 again when the rendered prompt already starts with them (chat templates often write ``<bos>`` themselves). The
-completion gets none. Trade-off: with a dummy-prefix tokenizer the completion's first token carries the prefix
-(``▁Hello`` for ``Hello``), which is how such tokenizers see any text start.
+completion gets none, and is tokenized with special-token parsing off (`plain_text`): it is data, so
+``<|im_end|>`` inside it is text, never a control token; prompt spans that are user data can be marked the same
+way (``plain_spans``, see `logitcache.prompts`). Trade-off: with a dummy-prefix tokenizer the completion's first
+token carries the prefix (``▁Hello`` for ``Hello``), which is how such tokenizers see any text start.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
@@ -51,6 +55,8 @@ __all__ = [
     "encode_prompt_completion",
     "encode_prompt_completion_batch",
     "encode_with_byte_offsets",
+    "plain_text",
+    "special_parsing",
     "token_bytes_info",
     "token_bytes_table",
     "tokenizer_fingerprint",
@@ -323,6 +329,7 @@ def _mismatch(info: TokenBytes, sample: object, text_b: bytes, got: bytes, hint:
 
 def _walk(
     info: TokenBytes, ids: list[int], text_b: bytes, zero: list[bool], spans: list[tuple[int, int] | None],
+    dummy_after_added: bool = True,
 ) -> tuple[np.ndarray, int, bytes]:
     """Per-token match of ``ids`` against ``text_b``; returns (offsets, bytes matched, bytes the tokens wrote).
 
@@ -331,7 +338,9 @@ def _walk(
     has it at the cursor, else cover zero bytes. Metaspace pieces match ``▁`` as a space or a literal ``▁``, and
     their first ``▁`` may be a dummy prefix (zero bytes) at the text start or after an added token: tried first
     when a normalizer prepends unconditionally, else only when the literal match fails (a Metaspace
-    pre-tokenizer does not prepend to text that already starts with a space).
+    pre-tokenizer does not prepend to text that already starts with a space). ``dummy_after_added=False`` allows
+    no dummy after an added token: a special token's text encoded as plain text (special parsing off) can be a
+    vocabulary piece, after which no dummy is prepended; callers retry with it when the first walk fails.
     """
     offs = np.zeros(len(ids), np.int64)
     cur = 0
@@ -345,7 +354,7 @@ def _walk(
         if span is not None:
             if span[0] != cur:
                 return offs, cur, text_b[:cur] + info.pieces[tid]
-            cur, dummy_ok = span[1], True
+            cur, dummy_ok = span[1], dummy_after_added
             continue
         piece = info.pieces[tid]
         raw = info.raw[tid]
@@ -359,7 +368,7 @@ def _walk(
                 cur += len(piece)
             elif not info.special[tid]:
                 return offs, cur, text_b[:cur] + piece
-            dummy_ok = True
+            dummy_ok = dummy_after_added
             continue
         if text_b.startswith(piece, cur):
             cur += len(piece)
@@ -461,9 +470,13 @@ def _offsets_from_encoding(
         if parts[first][:1] == b" " and spans[first] is None:
             widths[first] -= 1
             return np.concatenate(([0], np.cumsum(widths[:-1])))
-    offs, cur, got = _walk(info, ids, text_b, post.tolist(), spans)
-    if cur == len(text_b) and got == text_b:
-        return offs
+    tries = []
+    for dummy_after_added in (True, False):
+        offs, cur, got = _walk(info, ids, text_b, post.tolist(), spans, dummy_after_added)
+        if cur == len(text_b) and got == text_b:
+            return offs
+        tries.append((cur, got))
+    cur, got = tries[0]  # the usual reading explains a mismatch best
     if on_mismatch == "char_offsets":
         return _from_char_offsets(enc.offsets, post.tolist(), widths, c2b if c2b is not None else
                                   _char_to_byte(text, text_b))
@@ -527,17 +540,82 @@ def byte_offsets_for_ids(tokenizer: Any, ids: Any, text: str, *, sample: object 
             widths = np.where(zero, 0, info.lengths[arr])
             return np.concatenate(([0], np.cumsum(widths[:-1]))).astype(np.int64) if arr.size else widths
     n = len(ids_l)
+    for dummy_after_added in (True, False):
+        offs, cur, got = _walk(info, ids_l, text_b, [False] * n, [None] * n, dummy_after_added)
+        if cur == len(text_b) and got == text_b:
+            return offs
     offs, cur, got = _walk(info, ids_l, text_b, [False] * n, [None] * n)
-    if cur != len(text_b) or got != text_b:
-        raise TokenizationMismatchError(_mismatch(info, sample, text_b, got))
-    return offs
+    raise TokenizationMismatchError(_mismatch(info, sample, text_b, got))
+
+
+@contextmanager
+def special_parsing(tokenizer: Any, on: bool) -> Iterator[Any]:
+    """The tokenizer's backend with special-token parsing ``on`` (``<|im_end|>`` in text -> its control token) or off
+    (split as ordinary text: ``split_special_tokens=True`` of HF fast tokenizers).
+
+    The switch (``tokenizers.Tokenizer.encode_special_tokens``) is the backend's own state, which a
+    ``tokenizer(..., split_special_tokens=True)`` call elsewhere leaves set; so it is set for the block, whatever
+    it was, and restored after it.
+    """
+    backend = _backend(tokenizer)
+    before = getattr(backend, "encode_special_tokens", None)
+    if before is None or before == (not on):
+        yield backend
+        return
+    backend.encode_special_tokens = not on
+    try:
+        yield backend
+    finally:
+        backend.encode_special_tokens = before
+
+
+def plain_text(tokenizer: Any) -> Any:
+    """`special_parsing` off: the way every input text that is data (not template markup) is tokenized."""
+    return special_parsing(tokenizer, on=False)
+
+
+def _encode_prompt(
+    tokenizer: Any, p_enc: Any, prompt_text: str, plain_spans: Sequence[tuple[int, int]], on_mismatch: OnMismatch,
+    sample: object,
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The prompt's ids and byte offsets; the characters in ``plain_spans`` are encoded with specials off.
+
+    Without spans this is ``p_enc`` (one encoding of the whole prompt). With spans the prompt is cut at them and
+    each piece encoded on its own (template text with its markers special, the spans as plain text), so tokens
+    cannot merge across a cut: the price of keeping a user's ``<|im_end|>`` text out of the control tokens.
+    """
+    if not plain_spans:
+        return _encoded(tokenizer, p_enc, prompt_text, False, on_mismatch, sample)
+    cuts: list[tuple[int, int, bool]] = []
+    cur = 0
+    for lo, hi in sorted(plain_spans):
+        if lo < cur or hi > len(prompt_text) or lo > hi:
+            raise ValueError(f"sample {sample}: plain-text spans {sorted(plain_spans)} overlap or leave the prompt")
+        cuts += [(cur, lo, False), (lo, hi, True)]
+        cur = hi
+    cuts.append((cur, len(prompt_text), False))
+    ids: list[int] = []
+    offs: list[np.ndarray] = []
+    base = 0
+    for lo, hi, plain in cuts:
+        text = prompt_text[lo:hi]
+        if not text:
+            continue
+        with special_parsing(tokenizer, on=not plain) as backend:
+            enc = backend.encode(text, add_special_tokens=False)
+        part_ids, _, part_offs = _encoded(tokenizer, enc, text, False, on_mismatch, sample)
+        ids += part_ids
+        offs.append(part_offs + base)
+        base += len(text.encode("utf-8"))
+    arr = np.asarray(ids, dtype=np.int32)
+    return ids, arr, np.concatenate(offs) if offs else np.zeros(0, np.int64)
 
 
 def _join_prompt_completion(
-    tokenizer: Any, p_enc: Any, c_enc: Any, prompt_text: str, completion_text: str,
-    prompt_special_tokens: bool | None, on_mismatch: OnMismatch, sample: object,
+    tokenizer: Any, prompt: tuple[list[int], np.ndarray, np.ndarray], c_enc: Any, prompt_text: str,
+    completion_text: str, prompt_special_tokens: bool | None, on_mismatch: OnMismatch, sample: object,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    p_ids, p_arr, p_offs = _encoded(tokenizer, p_enc, prompt_text, False, on_mismatch, sample)
+    p_ids, p_arr, p_offs = prompt
     c_ids, c_arr, c_offs = _encoded(tokenizer, c_enc, completion_text, False, on_mismatch, sample)
     info = _info(tokenizer)
     prefix = info.prefix_ids
@@ -556,7 +634,7 @@ def _join_prompt_completion(
 
 def encode_prompt_completion(
     tokenizer: Any, prompt_text: str, completion_text: str, *, prompt_special_tokens: bool | None = None,
-    on_mismatch: OnMismatch = "raise", sample: object = None,
+    on_mismatch: OnMismatch = "raise", sample: object = None, plain_spans: Sequence[tuple[int, int]] = (),
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Tokenize prompt and completion separately and concatenate: ``(ids int32, byte_offsets int64, prompt_len)``.
 
@@ -565,11 +643,17 @@ def encode_prompt_completion(
     unless the prompt already starts with them; False never. The completion gets none, so it starts at a token
     boundary at byte ``len(prompt_text.encode())``. Raises when the prompt encodes to no token but the completion
     is not empty (the first completion token would have no predicting position).
+
+    The completion is data, never markup: it is tokenized with special-token parsing off (``<|im_end|>`` in it is
+    text, not a control token). The prompt is tokenized with it on (a chat template's own markers), except the
+    character spans ``plain_spans`` (user content that holds special-token text; see `_encode_prompt`).
     """
-    backend = _backend(tokenizer)
-    p_enc = backend.encode(prompt_text, add_special_tokens=False)
-    c_enc = backend.encode(completion_text, add_special_tokens=False)
-    return _join_prompt_completion(tokenizer, p_enc, c_enc, prompt_text, completion_text, prompt_special_tokens,
+    with special_parsing(tokenizer, on=True) as backend:
+        p_enc = None if plain_spans else backend.encode(prompt_text, add_special_tokens=False)
+    with plain_text(tokenizer) as plain:
+        c_enc = plain.encode(completion_text, add_special_tokens=False)
+    prompt = _encode_prompt(tokenizer, p_enc, prompt_text, plain_spans, on_mismatch, sample)
+    return _join_prompt_completion(tokenizer, prompt, c_enc, prompt_text, completion_text, prompt_special_tokens,
                                    on_mismatch, sample)
 
 
@@ -584,10 +668,14 @@ def encode_prompt_completion_batch(
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    encs = _backend(tokenizer).encode_batch(list(prompts) + list(completions), add_special_tokens=False)
-    n = len(prompts)
-    return [
-        _join_prompt_completion(tokenizer, encs[k], encs[n + k], prompts[k], completions[k], prompt_special_tokens,
-                                on_mismatch, samples[k] if samples is not None else k)
-        for k in range(n)
-    ]
+    with special_parsing(tokenizer, on=True) as backend:
+        p_encs = backend.encode_batch(list(prompts), add_special_tokens=False)
+    with plain_text(tokenizer) as plain:
+        c_encs = plain.encode_batch(list(completions), add_special_tokens=False)
+    out = []
+    for k in range(len(prompts)):
+        sample = samples[k] if samples is not None else k
+        prompt = _encoded(tokenizer, p_encs[k], prompts[k], False, on_mismatch, sample)
+        out.append(_join_prompt_completion(tokenizer, prompt, c_encs[k], prompts[k], completions[k],
+                                           prompt_special_tokens, on_mismatch, sample))
+    return out

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from logitcache.prompts import render_messages, resolve_chat_template
+from logitcache.prompts import render_messages, resolve_chat_template, special_text_spans
 from logitcache.storage import LogitCache, SequenceRecord
 from logitcache.storage.alignment_store import AlignmentRecord, AlignmentWriter, describe_store, store_key  # noqa: F401
 from logitcache.tokenization import (
@@ -64,13 +64,16 @@ def align_sequence(
 ) -> tuple[AlignmentRecord, dict[str, Any]]:
     """The alignment of one cached sequence to ``student`` (with its chat ``template``), and its stats."""
     stats: dict[str, Any] = {}
+    spans: list[tuple[int, int]] = []
     if rec.messages is not None:
         prompt = render_messages(student, rec.messages, template, rec.sample_id)
+        spans, _ = special_text_spans(student, prompt, rec.messages, template)  # data stays text, as in stage one
     else:  # caches without messages: the student sees the teacher's rendered prompt
         prompt = rec.prompt_text
         stats["prompt_not_rerendered"] = 1
     ids, offs, plen = encode_prompt_completion(
-        student, prompt, rec.completion_text, prompt_special_tokens=False if template else None, sample=rec.sample_id
+        student, prompt, rec.completion_text, prompt_special_tokens=False if template else None, sample=rec.sample_id,
+        plain_spans=spans,
     )
     s_offs = offs[plen:] - len(prompt.encode("utf-8"))
     completion = rec.completion_text.encode("utf-8")
@@ -170,7 +173,7 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
     total = sum(s.sequences for s in cache.shards if s.index in set(todo))
     workers = cfg.workers or min(os.cpu_count() or 1, max(len(todo), 1))
     t0 = time.perf_counter()
-    with progress_bar(total, "align") as bar:
+    with progress_bar(total, "align", rate_unit="student tok") as bar:
         run_shards(
             todo,
             align_shard,

@@ -242,25 +242,14 @@ class VllmBackend:
         return self.llm
 
     def _default_eos_ids(self) -> list[int]:
-        """The tokenizer's and the generation config's EOS ids (what the hf backend stops on)."""
-        ids: set[int] = set()
-        values: list[Any] = []
-        try:
-            values.append(getattr(self.llm.get_tokenizer(), "eos_token_id", None))
-        except Exception:  # skip_tokenizer_init=True, or a tokenizer vLLM cannot load
-            pass
-        try:
-            from transformers import GenerationConfig
+        """The tokenizer's and the generation config's EOS ids (`logitcache.models.end_token_ids`, as hf stops on)."""
+        from logitcache.models import end_token_ids
 
-            values.append(GenerationConfig.from_pretrained(self.folder).eos_token_id)
-        except (OSError, ValueError):
-            pass
-        for value in values:
-            if isinstance(value, int):
-                ids.add(value)
-            elif value is not None:
-                ids.update(int(v) for v in value)
-        return sorted(ids)
+        try:
+            tokenizer = self.llm.get_tokenizer()
+        except Exception:  # skip_tokenizer_init=True, or a tokenizer vLLM cannot load
+            tokenizer = None
+        return end_token_ids(tokenizer, self.folder)
 
     def _check_ids(self, what: str, i: int, ids: np.ndarray) -> None:
         if len(ids) and (ids.min() < 0 or ids.max() >= self.vocab_size):

@@ -33,7 +33,7 @@ class HfEngine:
         from .backend_hf import vocab_width
 
         device = cfg.device or default_device()
-        self.model = load_model(cfg.model, dtype=cfg.dtype, device=device)  # dtype auto: models.resolve_dtype
+        self.model = load_model(cfg.model, dtype=cfg.resolved_dtype(), device=device)
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.vocab_size = vocab_width(self.model)
@@ -81,7 +81,6 @@ class VllmEngine:
         import torch
 
         from logitcache.config import ConfigError
-        from logitcache.models import resolve_dtype
 
         from .backend_vllm import VllmBackend
 
@@ -90,7 +89,7 @@ class VllmEngine:
                 "--extra-temperatures needs the full logits, which only --backend hf sees; drop it or use --backend hf"
             )
         gpu = torch.cuda.is_available()
-        dtype = str(resolve_dtype(cfg.dtype, "cuda" if gpu else "cpu")).removeprefix("torch.")
+        dtype = cfg.resolved_dtype()
         kwargs: dict[str, Any] = {}
         if gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization

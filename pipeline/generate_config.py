@@ -56,7 +56,11 @@ class GenerateConfig:
         "(generate: fewer new tokens). Both are counted in the manifest.",
         choices=["skip", "truncate"],
     )
-    score_eos: bool = option(True, "Score mode: append the teacher's EOS so the cache also teaches stopping.")
+    score_eos: bool = option(
+        True,
+        "Score mode: append the token that ends the teacher's assistant turn (its chat template's, e.g. <|im_end|>; "
+        "else its EOS) so the cache also teaches stopping.",
+    )
     extra_temperatures: list[float] = option([], "Also store logsumexp(logits/tau) per position (hf backend).")
     shard_size: int = option(256, "Samples per cache shard (the unit of work, atomicity and resume).")
     num_shards: int = option(1, "Job arrays: number of tasks splitting the shards.")
@@ -75,6 +79,12 @@ class GenerateConfig:
         "logprobs cost tokens x vocab x 8 bytes, outside vLLM's memory profiling).",
     )
     threads: int | None = option(None, "Torch intra-op threads for --backend hf (default: torch's).")
+    on_sample_error: str = option(
+        "skip",
+        "A sample whose record cannot be built (its text does not tokenize, the template rejects it, ...): skip it "
+        "(counted as skipped_error and named in the manifest and the summary), or fail the run naming it.",
+        choices=["skip", "fail"],
+    )
     overwrite: bool = option(False, "Replace an existing cache of a different config at --out.")
 
     def __post_init__(self) -> None:
@@ -129,6 +139,22 @@ class GenerateConfig:
             "chunk_positions",
             "max_num_batched_tokens",
             "threads",
+            "on_sample_error",
         }
-        return {k: v for k, v in to_dict(self).items() if k not in skip}
+        out = {k: v for k, v in to_dict(self).items() if k not in skip}
+        out["dtype"] = self.resolved_dtype()  # --dtype auto and the dtype it picks make the same cache
+        return out
+
+    def resolved_dtype(self) -> str:
+        """The teacher dtype ``--dtype`` stands for (auto: bfloat16 on a GPU, float32 on the CPU), both backends.
+
+        The rule of ``logitcache.models.resolve_dtype``, as a string, without importing torch unless it must.
+        """
+        if self.dtype != "auto":
+            return self.dtype
+        if self.device is not None and self.backend == "hf":  # vLLM picks its device itself
+            return "bfloat16" if self.device.startswith("cuda") else "float32"
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() else "float32"
 

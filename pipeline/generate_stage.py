@@ -9,6 +9,9 @@ The work unit is a cache shard of ``--shard-size`` consecutive samples (a pure f
 - ``--workers N`` starts a local ``dask.distributed`` cluster of N processes, ``--scheduler ADDRESS`` uses an
   existing one; each worker process loads one engine and keeps it for all the shards it is given.
 
+A sample whose record cannot be built (its text does not tokenize, its template raises, ...) is skipped, counted
+and named in the manifest (``--on-sample-error skip``, the default) or stops the run naming it (``fail``).
+
 Results do not depend on who ran a shard: the sampling seed of a batch is derived from (``--seed``, shard,
 batch), and batches are formed the same way everywhere (samples of a shard sorted by length, then cut into
 ``--batch-size`` groups).
@@ -24,7 +27,7 @@ from typing import Any
 
 from logitcache.config import ConfigError, check
 from logitcache.inputs import input_fingerprint, read_inputs, shard_ranges, shards_for_task
-from logitcache.prompts import Prepared, prepare, resolve_chat_template, truncate
+from logitcache.prompts import Prepared, prepare, resolve_chat_template, score_end_token, truncate
 from logitcache.storage import CacheHeader, CacheWriter, SequenceRecord
 
 from .generate_config import GenerateConfig
@@ -63,9 +66,38 @@ def _batch_seed(seed: int, shard: int, batch: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{shard}/{batch}".encode()).digest()[:4], "little")
 
 
+class SampleError(RuntimeError):
+    """One sample's record could not be built and ``--on-sample-error fail`` was chosen; names the sample."""
+
+
+MAX_NAMED_SKIPS = 20  # per shard: skipped samples named (id and reason) in the shard marker and the manifest
+
+
+def _skip(cfg: GenerateConfig, sample: object, error: Exception, counters: dict[str, int],
+          skipped: list[dict[str, Any]]) -> None:
+    """Apply ``--on-sample-error`` to a sample whose record failed: count and name it, or raise naming it."""
+    from logitcache.config import ConfigError
+
+    if isinstance(error, ConfigError):  # a user mistake that every sample shares: never skipped
+        raise error
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    if cfg.on_sample_error == "fail":
+        raise SampleError(
+            f"sample {sample}: its record cannot be built ({reason}); pass --on-sample-error skip to skip such "
+            "samples (counted and named in the manifest)"
+        ) from error
+    counters["skipped_error"] = counters.get("skipped_error", 0) + 1
+    if len(skipped) < MAX_NAMED_SKIPS:
+        skipped.append({"sample_id": sample, "reason": reason[:300]})
+
+
 def process_shard(cfg: GenerateConfig, shard: int, tokenizer: Any, progress: Any = None) -> dict[str, Any]:
-    """Run the teacher over one shard's samples and write the shard. Returns its marker plus timing."""
-    from logitcache.models import load_tokenizer
+    """Run the teacher over one shard's samples and write the shard. Returns its marker plus timing.
+
+    ``tokens`` in the result (and the second argument of ``progress``) counts *cached positions* (rows written):
+    completion tokens plus the end row, in both modes, so throughput reads the same in score and generate mode.
+    """
+    from logitcache.models import end_token_ids, load_tokenizer, resolve_model
 
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     records = _inputs(cfg)
@@ -74,9 +106,16 @@ def process_shard(cfg: GenerateConfig, shard: int, tokenizer: Any, progress: Any
     max_len = min(cfg.max_length or engine.max_length, engine.max_length)
     template = resolve_chat_template(tokenizer, cfg.chat_template)
     counters: dict[str, int] = {}
+    skipped: list[dict[str, Any]] = []
     prepared: list[Prepared] = []
     for rec in records[start:stop]:
-        p = prepare(tokenizer, rec, template, cfg.mode, cfg.score_eos, cfg.system_prompt)
+        try:
+            p = prepare(tokenizer, rec, template, cfg.mode, cfg.score_eos, cfg.system_prompt)
+        except Exception as e:  # one bad sample must not kill the run (--on-sample-error)
+            _skip(cfg, rec.sample_id, e, counters, skipped)
+            continue
+        for key, n in p.notes.items():
+            counters[key] = counters.get(key, 0) + n
         budget = len(p.token_ids) if cfg.mode == "score" else p.prompt_len + 1
         if budget > max_len or p.prompt_len >= max_len:
             if cfg.overlong == "skip" or p.prompt_len >= max_len:
@@ -87,29 +126,34 @@ def process_shard(cfg: GenerateConfig, shard: int, tokenizer: Any, progress: Any
         prepared.append(p)
     order = sorted(range(len(prepared)), key=lambda i: (len(prepared[i].token_ids), i))
     out: dict[int, SequenceRecord] = {}
-    eos_ids = {int(e) for e in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
+    eos_ids = set(end_token_ids(tokenizer, resolve_model(cfg.model)))  # what both engines stop on
     t0, tokens = time.perf_counter(), 0
     for b, lo in enumerate(range(0, len(order), cfg.batch_size)):
         batch = [prepared[i] for i in order[lo : lo + cfg.batch_size]]
         if cfg.mode == "score":
-            rows = engine.score([p.token_ids for p in batch], [p.prompt_len for p in batch])
-            for p, r in zip(batch, rows, strict=True):
-                out[p.record.sample_id] = scored_record(p, r)
-                tokens += len(p.token_ids)
+            results: list[Any] = engine.score([p.token_ids for p in batch], [p.prompt_len for p in batch])
         else:
             prompts = [p.token_ids[: p.prompt_len] for p in batch]
-            for p, (ids, reason, rows) in zip(
-                batch, engine.generate(prompts, _batch_seed(cfg.seed, shard, b)), strict=True
-            ):
-                room = max_len - p.prompt_len
-                if len(ids) > room:  # the context ends before max_new_tokens
-                    ids, rows, reason = ids[:room], rows.slice(0, room), "length"
-                out[p.record.sample_id] = generated_record(tokenizer, p, ids, reason, rows, eos_ids, counters)
-                tokens += len(ids)
+            results = engine.generate(prompts, _batch_seed(cfg.seed, shard, b))
+        for p, result in zip(batch, results, strict=True):
+            try:
+                if cfg.mode == "score":
+                    record = scored_record(p, result)
+                else:
+                    ids, reason, rows = result
+                    room = max_len - p.prompt_len
+                    if len(ids) > room:  # the context ends before max_new_tokens
+                        ids, rows, reason = ids[:room], rows.slice(0, room), "length"
+                    record = generated_record(tokenizer, p, ids, reason, rows, eos_ids, counters)
+            except Exception as e:  # see --on-sample-error
+                _skip(cfg, p.record.sample_id, e, counters, skipped)
+                continue
+            out[p.record.sample_id] = record
+            tokens += record.rows.n
         if progress is not None:
             progress(len(batch), tokens)
     writer = CacheWriter.resume(cfg.out)
-    marker = writer.write_shard(shard, [out[k] for k in sorted(out)], counters)
+    marker = writer.write_shard(shard, [out[k] for k in sorted(out)], counters, skipped=skipped)
     return {**marker, "seconds": time.perf_counter() - t0, "tokens": tokens}
 
 
@@ -137,6 +181,14 @@ def build_header(cfg: GenerateConfig, tokenizer: Any, vocab_size: int) -> CacheH
             "extra_temperatures",
         )
     }
+    from logitcache.models import end_token_ids, resolve_model
+
+    template = resolve_chat_template(tokenizer, cfg.chat_template)
+    ends = end_token_ids(tokenizer, resolve_model(cfg.model))
+    capture["end_token_ids"] = ends  # generate: both engines stop on these; the last one is not text
+    capture["end_tokens"] = [tokenizer.convert_ids_to_tokens(i) for i in ends]
+    if cfg.mode == "score" and cfg.score_eos:
+        capture["score_end_token"] = score_end_token(tokenizer, template)  # appended after every response
     return CacheHeader(
         top_k=cfg.top_k,
         vocab_size=vocab_size,
@@ -224,7 +276,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     _TOKENIZER.clear()
     _TOKENIZER[cfg.model] = tokenizer  # local shards reuse it; dask workers load their own once
-    with progress_bar(n_todo, f"generate ({cfg.backend}, {cfg.mode})") as bar:
+    with progress_bar(n_todo, f"generate ({cfg.backend}, {cfg.mode})", rate_unit="pos") as bar:
         markers = run_shards(
             todo,
             _shard_task,
@@ -247,6 +299,7 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
         manifest = writer.finalize()
         summary["positions"] = manifest["stats"]["positions"]
         summary["counters"] = manifest["counters"]
+        summary["skipped_samples"] = manifest.get("skipped_samples", [])
     return summary
 
 

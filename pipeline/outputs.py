@@ -3,8 +3,8 @@
 Score mode: the prepared prompt + response with the engine's rows, unchanged. Generate mode: the completion text
 is the concatenated bytes of the sampled tokens (special tokens by their literal text, the final EOS by none).
 Sampled bytes that are not valid UTF-8 (a character cut by the token limit, or garbage from a weak model) cannot
-be stored as text: the completion is cut at the last token boundary before the first invalid byte, and the cut is
-counted (``cut_invalid_utf8``).
+be stored as text: the completion is cut to its longest prefix of whole tokens that decodes (a token boundary at or
+before the first invalid byte that splits no character), and the cut is counted (``cut_invalid_utf8``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ from logitcache.tokenization import byte_offsets_for_ids, token_bytes_info
 
 
 def valid_utf8_prefix(tokenizer: Any, ids: np.ndarray, eos_ids: set[int]) -> tuple[int, bytes]:
-    """(number of leading ids to keep, their bytes) so that the bytes are valid UTF-8; a final EOS is kept."""
+    """(number of leading ids to keep, their bytes): the longest prefix of whole tokens whose bytes decode.
+
+    A final end token (one of ``eos_ids``) writes no bytes and is kept when everything before it decodes. Otherwise
+    the cut is the last token boundary that is at or before the first invalid byte *and* not inside a character:
+    a token may end with the first byte of a character that the next token completes (``b'\\xc8'`` +
+    ``b'\\x8d\\xf0\\x9f'``), so the boundary just before the error can still split a character. No longer prefix
+    decodes (Python reports the start of the first undecodable sequence; every longer prefix contains it).
+    """
     info = token_bytes_info(tokenizer)
     ids_l = [int(i) for i in ids]
     body = ids_l[:-1] if ids_l and ids_l[-1] in eos_ids else ids_l
@@ -30,13 +37,16 @@ def valid_utf8_prefix(tokenizer: Any, ids: np.ndarray, eos_ids: set[int]) -> tup
         return len(ids_l), data
     except UnicodeDecodeError as e:
         bad = e.start
-    keep, total = 0, 0
+    ends = [0]  # ends[k]: bytes of the first k tokens
     for piece in pieces:
-        if total + len(piece) > bad:
+        if ends[-1] + len(piece) > bad:
             break
-        total += len(piece)
-        keep += 1
-    return keep, data[:total]
+        ends.append(ends[-1] + len(piece))
+    for keep in range(len(ends) - 1, -1, -1):
+        # data[:bad] decodes, so a boundary inside it decodes iff it does not split a character
+        if ends[keep] == bad or ends[keep] == 0 or (data[ends[keep]] & 0xC0) != 0x80:
+            return keep, data[: ends[keep]]
+    return 0, b""
 
 
 def generated_record(

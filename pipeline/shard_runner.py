@@ -222,8 +222,11 @@ def run_shards(
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, desc: str, unit: str = "seq", file: TextIO | None = None) -> Iterator[Progress]:
-    """A tqdm bar (on stderr by default) counting ``unit`` (always ``unit/s``), with the token rate after it."""
+def progress_bar(
+    total: int, desc: str, unit: str = "seq", file: TextIO | None = None, rate_unit: str = "tok"
+) -> Iterator[Progress]:
+    """A tqdm bar (on stderr by default) counting ``unit`` (always ``unit/s``), then the rate of ``rate_unit``
+    (what the task's token counts mean: ``pos`` for cached positions, ``student tok`` for student tokens)."""
     from tqdm import tqdm
 
     fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
@@ -232,7 +235,7 @@ def progress_bar(total: int, desc: str, unit: str = "seq", file: TextIO | None =
 
     def update(units: int, new_tokens: int) -> None:
         tokens[0] += new_tokens
-        bar.set_postfix_str(f"{tokens[0] / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+        bar.set_postfix_str(f"{tokens[0] / max(time.perf_counter() - t0, 1e-9):,.0f} {rate_unit}/s", refresh=False)
         bar.update(units)
 
     try:

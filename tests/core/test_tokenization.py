@@ -275,7 +275,8 @@ def test_prompt_completion(name: str, prompt: str, completion: str) -> None:
     starts_with_bos = prompt_ids[: len(info.prefix_ids)] == list(info.prefix_ids)
     expect = ([] if starts_with_bos else list(info.prefix_ids)) + prompt_ids
     assert ids[:p].tolist() == expect
-    assert ids[p:].tolist() == tok(completion, add_special_tokens=False).input_ids
+    plain = tok(completion, add_special_tokens=False, split_special_tokens=True).input_ids  # completion: data
+    assert ids[p:].tolist() == plain
     assert_exact(tok, prompt + completion, ids, offs)
     if completion:
         assert offs[p] == pn  # the completion starts at a token boundary
@@ -341,3 +342,17 @@ def test_alignment_error_is_one_line() -> None:
     with pytest.raises(AlignmentError) as err:
         _check_token_bytes(token_bytes_info(s), ids, offs, b"ax", "student", 5)
     assert "sample 5" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("completion", ["The marker is <|im_end|> here.", "<s>▁", "a</s>", "<|bos|> x <|eos|>"])
+def test_special_token_text_in_completion_is_plain_text(name: str, completion: str) -> None:
+    tok = tok_of(name)
+    ids, offs, p = encode_prompt_completion(tok, "Q: ", completion)
+    special = token_bytes_info(tok).special
+    if not (name == "legacy_unigram" and "s>" in completion):  # its Unigram model itself has "<s>" as a piece
+        assert not special[ids[p:]].any()  # special parsing is off in the completion, so no control token
+    assert_exact(tok, "Q: " + completion, ids, offs)
+    tok(completion, split_special_tokens=True)  # leaves the backend's switch on: the prompt must still parse
+    ids, _, p = encode_prompt_completion(tok, "<s><|bos|>", "")
+    assert special[ids[:p]].any()

@@ -1,0 +1,188 @@
+"""Stage one on the paths new users took (issue 11): each test reproduces a run that failed or wrote a wrong cache.
+
+- a weak byte-level teacher samples half characters: the run finishes (whole-character cut);
+- a sample whose record cannot be built is skipped, counted and named (or fails the run, naming it);
+- a chat teacher whose generation config lists more end tokens than its tokenizer's ``eos_token``: the stop
+  token is not text, and score mode appends the template's end of turn;
+- ``--dtype auto`` and the dtype it resolves to are the same cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import PreTrainedTokenizerFast
+
+import logitcache.pipeline.generate_stage as generate_stage
+from logitcache.cli import main
+from logitcache.pipeline.generate_stage import GenerateConfig, SampleError, run_generate
+from logitcache.prompts import Prepared
+from logitcache.storage import LogitCache
+from logitcache.testing.tiny_models import CHAT_TEMPLATE, bpe_tokenizer, tiny_llama
+from logitcache.testing.tiny_tokenizers import byte_level_bpe
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+# ------------------------------------------------------------------------------------- half characters (item 1)
+
+
+@pytest.fixture(scope="module")
+def weak_byte_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random teacher over a byte-level BPE with the full 256-byte alphabet and character-crossing merges."""
+    folder = tmp_path_factory.mktemp("weak") / "model"
+    tok = byte_level_bpe()
+    tiny_llama(tok, seed=3).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_issue_command_finishes(weak_byte_teacher: Path, prompts_file: Path, tmp_path: Path) -> None:
+    # the issue's command; before the fix it died with UnicodeDecodeError ... unexpected end of data
+    out = tmp_path / "c"
+    args = ["generate", "--model", str(weak_byte_teacher), "--data", str(prompts_file), "--top-k", "16",
+            "--max-new-tokens", "12", "--seed", "3", "--shard-size", "8", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    manifest = _manifest(out)
+    assert manifest["counters"].get("cut_invalid_utf8", 0) >= 1  # precondition: half characters were sampled
+    cache = LogitCache.open(out)
+    assert len(cache) == 10
+    for rec in cache.iter_sequences():
+        assert len(rec.token_ids) - rec.prompt_len == rec.rows.n  # one row per kept completion token
+    assert "pos/s" in result.output
+
+
+# ----------------------------------------------------------------------------------- --on-sample-error (item 1)
+
+
+@pytest.fixture
+def broken_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = generate_stage.generated_record
+
+    def record(tokenizer: object, p: Prepared, *args: object, **kwargs: object) -> object:
+        if p.record.sample_id == 1:
+            raise RuntimeError("boom on purpose")
+        return real(tokenizer, p, *args, **kwargs)
+
+    monkeypatch.setattr(generate_stage, "generated_record", record)
+
+
+@pytest.mark.usefixtures("broken_sample")
+def test_bad_sample_is_skipped_counted_and_named(ascii_teacher_folder: Path, prompts_file: Path,
+                                                  tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    args = ["generate", "--model", str(ascii_teacher_folder), "--data", str(prompts_file), "--top-k", "4",
+            "--max-new-tokens", "4", "--shard-size", "4", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "sample 1: RuntimeError: boom on purpose" in result.output
+    manifest = _manifest(out)
+    assert manifest["counters"]["skipped_error"] == 1
+    assert manifest["skipped_samples"] == [{"sample_id": 1, "reason": "RuntimeError: boom on purpose"}]
+    assert sorted(LogitCache.open(out).sample_ids().tolist()) == [0, *range(2, 10)]
+
+
+@pytest.mark.usefixtures("broken_sample")
+def test_fail_policy_names_the_sample(ascii_teacher_folder: Path, prompts_file: Path, tmp_path: Path) -> None:
+    cfg = GenerateConfig(model=str(ascii_teacher_folder), data=str(prompts_file), out=str(tmp_path / "c"), top_k=4,
+                         max_new_tokens=4, shard_size=4, on_sample_error="fail")
+    with pytest.raises(SampleError, match="sample 1: .*boom on purpose"):
+        run_generate(cfg)
+
+
+# ------------------------------------------------------------------------- end tokens of chat teachers (items 2, 3)
+
+
+def _chatml_teacher(folder: Path) -> Path:
+    """ChatML teacher whose tokenizer eos is <|endoftext|> (id 0) but whose generation config also stops on
+    <|im_end|> (id 2), like SmolLM2-Instruct; its weights always predict <|im_end|> next."""
+    base = bpe_tokenizer()
+    tok = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    assert (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) == (0, 2)
+    model = tiny_llama(tok, seed=0)
+    with torch.no_grad():  # the residual stream is the token embedding, whose first coordinate is positive
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[2, 0] = 10.0  # so <|im_end|> is by far the likeliest next token
+    model.generation_config.eos_token_id = [0, 2]
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chatml_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _chatml_teacher(tmp_path_factory.mktemp("chatml") / "model")
+
+
+def test_stop_token_from_generation_config_is_not_text(chatml_teacher: Path, prompts_file: Path,
+                                                       tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    run_generate(GenerateConfig(model=str(chatml_teacher), data=str(prompts_file), out=str(out), top_k=4,
+                                max_new_tokens=6, limit=4))
+    cache = LogitCache.open(out)
+    recs = list(cache.iter_sequences())
+    assert len(recs) == 4
+    for rec in recs:
+        assert rec.token_ids[-1] == 2  # precondition: the teacher stopped on <|im_end|>
+        assert rec.finish_reason == "stop"
+        assert rec.completion_text == ""  # was "<|im_end|>": the stop token is not completion text
+        assert rec.rows.n == 1  # the teacher's end row
+    capture = _manifest(out)["header"]["metadata"]["capture"]
+    assert capture["end_token_ids"] == [0, 2]
+    assert capture["end_tokens"] == ["<|endoftext|>", "<|im_end|>"]
+
+
+def test_score_eos_appends_the_template_turn_end(chatml_teacher: Path, prompts_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    run_generate(GenerateConfig(model=str(chatml_teacher), data=str(prompts_file), out=str(out), top_k=4,
+                                mode="score", limit=3))
+    for rec in LogitCache.open(out).iter_sequences():
+        assert rec.token_ids[-1] == 2 and rec.rows.target_ids[-1] == 2  # <|im_end|>, not eos <|endoftext|>
+        assert rec.completion_text.endswith("!")  # the response, with the end token as no text
+    capture = _manifest(out)["header"]["metadata"]["capture"]
+    assert capture["score_end_token"] == {"id": 2, "text": "<|im_end|>", "source": "chat_template"}
+
+
+# --------------------------------------------------------------------------------------------- dtype (item 5)
+
+
+def test_dtype_auto_resumes_a_float32_cache(ascii_teacher_folder: Path, prompts_file: Path, tmp_path: Path) -> None:
+    common = dict(model=str(ascii_teacher_folder), data=str(prompts_file), out=str(tmp_path / "c"), top_k=4,
+                  max_new_tokens=4, device="cpu", limit=4)
+    first = run_generate(GenerateConfig(dtype="float32", **common))
+    assert first["finalized"]
+    again = run_generate(GenerateConfig(dtype="auto", **common))  # was: "holds a cache with a different config"
+    assert again["shards_done_before"] == again["shards_mine"] == 1
+    with pytest.raises(Exception, match="different config"):  # a really different dtype is still refused
+        run_generate(GenerateConfig(dtype="bfloat16", **common))
+
+
+# --------------------------------------------------------------------------- special-token text in data (item 4)
+
+
+def test_special_token_text_in_data_is_counted_and_stays_text(chatml_teacher: Path, tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    rows = [{"prompt": "The marker is <|im_end|> in ChatML.", "response": "Yes, <|im_end|> ends a turn."},
+            {"prompt": "Plain question?", "response": "Plain answer."}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "c"
+    run_generate(GenerateConfig(model=str(chatml_teacher), data=str(data), out=str(out), top_k=4, mode="score"))
+    counters = _manifest(out)["counters"]
+    assert counters["special_token_text_in_prompt"] == counters["special_token_text_in_completion"] == 1
+    rec = LogitCache.open(out).get(0)
+    completion = rec.token_ids[rec.prompt_len :].tolist()
+    assert completion.count(2) == 1 and completion[-1] == 2  # only the appended end of turn is <|im_end|>
+    assert rec.token_ids[: rec.prompt_len].tolist().count(2) == 1  # the template's, not the user's
