@@ -25,10 +25,10 @@ from .config import ConfigError, click_options
 
 #: (module, class) of the library's user-facing exceptions, beside ConfigError
 _USER_ERRORS = (
-    ("logitcache.models", "ModelSpecError"),
+    ("logitcache.model_sources", "ModelSpecError"),
     ("logitcache.pipeline.byte_alignment", "AlignmentError"),
     ("logitcache.storage.errors", "CacheError"),
-    ("logitcache.tokenization", "TokenizationMismatchError"),
+    ("logitcache.byte_offsets", "TokenizationMismatchError"),
 )
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from logitcache.inputs import InputError, InputRecord
-from logitcache.tokenization import _backend, encode_prompt_completion, special_parsing
+from logitcache.tokenization import encode_prompt_completion, fast_backend, special_parsing
 
 
 @dataclass
@@ -127,7 +127,7 @@ def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
     """A regex matching any special token's text (remembered per tokenizer object); None when there is none."""
     memo = tokenizer.__dict__ if hasattr(tokenizer, "__dict__") else {}
     if "_logitcache_special_re" not in memo:
-        decoder = _backend(tokenizer).get_added_tokens_decoder()
+        decoder = fast_backend(tokenizer).get_added_tokens_decoder()
         texts = sorted({t.content for t in decoder.values() if t.special and t.content}, key=len, reverse=True)
         memo["_logitcache_special_re"] = re.compile("|".join(map(re.escape, texts))) if texts else None
     return memo["_logitcache_special_re"]

