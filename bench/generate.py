@@ -153,13 +153,9 @@ def qa_records(n: int) -> list[dict[str, str]]:
 
 def tiny_folder() -> Path:
     """A random 2-layer Llama (hidden 128) with the tests' byte-level BPE (320 tokens) and ChatML template."""
-    from logitcache.testing.tiny_models import bpe_tokenizer, tiny_llama
+    from logitcache.testing.tiny_models import save_tiny_model
 
-    folder = Path(tempfile.mkdtemp(prefix="logitcache-bench-tiny-"))
-    tok = bpe_tokenizer()
-    tiny_llama(tok, hidden_size=128, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tempfile.mkdtemp(prefix="logitcache-bench-tiny-"), hidden_size=128)
 
 
 def chat_ids(tok: Any, questions: list[str]) -> list[list[int]]:

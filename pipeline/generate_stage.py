@@ -66,8 +66,12 @@ def _batch_seed(seed: int, shard: int, batch: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{shard}/{batch}".encode()).digest()[:4], "little")
 
 
-class SampleError(RuntimeError):
-    """One sample's record could not be built and ``--on-sample-error fail`` was chosen; names the sample."""
+class SampleError(ConfigError):
+    """One sample's record could not be built and ``--on-sample-error fail`` was chosen; names the sample.
+
+    Bad input (a text the teacher's tokenizer cannot reproduce, a template that raises on it), so a `ConfigError`:
+    the CLI prints its one line (sample, reason, the ``skip`` policy) without a traceback; the cause stays chained.
+    """
 
 
 MAX_NAMED_SKIPS = 20  # per shard: skipped samples named (id and reason) in the shard marker and the manifest
@@ -76,8 +80,6 @@ MAX_NAMED_SKIPS = 20  # per shard: skipped samples named (id and reason) in the 
 def _skip(cfg: GenerateConfig, sample: object, error: Exception, counters: dict[str, int],
           skipped: list[dict[str, Any]]) -> None:
     """Apply ``--on-sample-error`` to a sample whose record failed: count and name it, or raise naming it."""
-    from logitcache.config import ConfigError
-
     if isinstance(error, ConfigError):  # a user mistake that every sample shares: never skipped
         raise error
     reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"

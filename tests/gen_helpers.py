@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
-
-from logitcache.testing.tiny_models import CHAT_TEMPLATE, tiny_llama
+from logitcache.testing.tiny_models import CHAT_TEMPLATE, bpe_tokenizer, save_tiny_model
 
 ASCII_CORPUS = [
     "The quick brown fox jumps over the lazy dog. Question: what is two plus two? Answer: four.",
@@ -24,21 +21,14 @@ ASCII_CORPUS = [
 
 
 def ascii_teacher(folder: str | Path, seed: int = 0, chat_template: str | None = CHAT_TEMPLATE) -> Path:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=200, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False
-    )
-    tok.train_from_iterator(ASCII_CORPUS, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    if chat_template:
-        wrapped.chat_template = chat_template
-    model = tiny_llama(wrapped, seed=seed)
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    wrapped.save_pretrained(folder)
-    return folder
+    """A tiny random teacher saved in ``folder`` whose byte-level BPE (200 tokens) was trained on ASCII only."""
+    tok = bpe_tokenizer(200, ASCII_CORPUS, chat_template or None, full_alphabet=False)
+    return save_tiny_model(folder, seed=seed, tokenizer=tok)
+
+
+def generate_args(teacher: str | Path, data: str | Path, *extra: object) -> list[str]:
+    """``logitcache generate`` arguments for ``teacher`` on ``data``, then ``extra`` (each turned into a string)."""
+    return ["generate", "--model", str(teacher), "--data", str(data), *map(str, extra)]
 
 
 def write_prompts(path: str | Path, n: int, with_response: bool = True) -> Path:

@@ -19,6 +19,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from logitcache.testing.tiny_tokenizers import train_byte_level_bpe
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 CHAT_TEMPLATE = (
@@ -50,18 +52,12 @@ def _wrap(tok: Tokenizer, chat_template: str | None, **special: str) -> PreTrain
 
 
 def bpe_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None,
-                  chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on ``corpus``; eos ``<|im_end|>``, pad ``<|endoftext|>``, no BOS."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus or CORPUS, trainer=trainer)
+                  chat_template: str | None = CHAT_TEMPLATE, full_alphabet: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on ``corpus``; eos ``<|im_end|>``, pad ``<|endoftext|>``, no BOS.
+
+    ``full_alphabet=False``: only the corpus's bytes are tokens (see `train_byte_level_bpe`).
+    """
+    tok = train_byte_level_bpe(corpus or CORPUS, vocab_size, SPECIAL_TOKENS, full_alphabet)
     return _wrap(tok, chat_template, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
@@ -128,11 +124,12 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast | None = None, vocab_size: int
     return model.to(dtype).eval()
 
 
-def save_tiny_model(folder: str | Path, seed: int = 0, extra_vocab: int = 0) -> Path:
-    """Save a tiny Llama and its BPE tokenizer into ``folder`` (a local Hugging Face model folder)."""
+def save_tiny_model(folder: str | Path, seed: int = 0, extra_vocab: int = 0, hidden_size: int = 32,
+                    tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
+    """Save a tiny Llama and its tokenizer (default: `bpe_tokenizer`) into ``folder`` (a Hugging Face model folder)."""
     folder = Path(folder)
-    tok = bpe_tokenizer()
-    model = tiny_llama(tok, extra_vocab=extra_vocab, seed=seed)
+    tok = tokenizer if tokenizer is not None else bpe_tokenizer()
+    model = tiny_llama(tok, extra_vocab=extra_vocab, seed=seed, hidden_size=hidden_size)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

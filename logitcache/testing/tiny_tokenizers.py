@@ -57,20 +57,27 @@ def _byte_tokens() -> list[str]:
     return [f"<0x{b:02X}>" for b in range(256)]
 
 
-@functools.cache
-def byte_level_bpe(vocab_size: int = 700) -> PreTrainedTokenizerFast:
-    """Byte-level BPE teacher: ``<|bos|> $A``, specials ``<|bos|> <|eos|> <|im_start|> <|im_end|>``."""
-    specials = ["<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
+def train_byte_level_bpe(corpus: list[str], vocab_size: int, special_tokens: list[str],
+                         full_alphabet: bool = True) -> Tokenizer:
+    """A raw byte-level BPE (``Ġ`` for spaces) trained on ``corpus``, ``special_tokens`` first in its vocabulary.
+
+    ``full_alphabet``: all 256 byte stand-ins are in the vocabulary, so any text encodes (and a random model can
+    sample half characters); without it only the corpus's bytes are (an ASCII corpus: no partial characters).
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    alphabet = {"initial_alphabet": pre_tokenizers.ByteLevel.alphabet()} if full_alphabet else {}
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                                  **alphabet)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
+
+
+@functools.cache
+def byte_level_bpe(vocab_size: int = 700) -> PreTrainedTokenizerFast:
+    """Byte-level BPE teacher: ``<|bos|> $A``, specials ``<|bos|> <|eos|> <|im_start|> <|im_end|>``."""
+    tok = train_byte_level_bpe(_corpus(), vocab_size, ["<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"])
     tok.post_processor = processors.TemplateProcessing(
         single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", tok.token_to_id("<|bos|>"))]
     )

@@ -11,7 +11,7 @@ import pytest
 import torch
 from gen_helpers import write_prompts
 from rouge_score import rouge_scorer
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from logitcache.config import ConfigError
 from logitcache.distill.evaluate import (
@@ -25,6 +25,7 @@ from logitcache.distill.evaluate import (
     token_f1,
 )
 from logitcache.pipeline.generate_stage import GenerateConfig, run_generate
+from logitcache.testing.tiny_models import CHAT_TEMPLATE, bpe_tokenizer, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +148,49 @@ def test_perplexity_is_manual_teacher_forced_nll(report, teacher, data):
         prompt = tok.apply_chat_template(conversation(row), tokenize=False, add_generation_prompt=True)
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         c_ids = tok(row["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = torch.tensor([p_ids + c_ids])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-        nll = -sum(float(logp[len(p_ids) - 1 + j, t]) for j, t in enumerate(c_ids)) / len(c_ids)
         assert got["reference_tokens"] == len(c_ids)
-        assert got["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
+        assert got["perplexity"] == pytest.approx(math.exp(mean_nll(model, p_ids, c_ids)), rel=1e-4)
+
+
+def mean_nll(model, p_ids: list[int], c_ids: list[int]) -> float:
+    """Mean NLL of ``c_ids`` after ``p_ids`` from one plain (unpadded) forward."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([p_ids + c_ids])).logits[0].float(), -1)
+    return -sum(float(logp[len(p_ids) - 1 + j, t]) for j, t in enumerate(c_ids)) / len(c_ids)
+
+
+@pytest.fixture(scope="module")
+def chatml_eos_teacher(tmp_path_factory):
+    """A tiny ChatML model whose tokenizer EOS is ``<|endoftext|>`` while its template ends a turn with
+    ``<|im_end|>`` (SmolLM2-Instruct's layout)."""
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe_tokenizer().backend_tokenizer, eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return save_tiny_model(tmp_path_factory.mktemp("chatml") / "model", seed=1, tokenizer=tok)
+
+
+@pytest.mark.parametrize(("chat_template", "end"), [("auto", "<|im_end|>"), ("none", "<|endoftext|>")])
+def test_reference_perplexity_ends_with_the_turn_end(chatml_eos_teacher, tmp_path, chat_template, end):
+    """The reference is scored with the token that ends the model's turn, the one stage one's --score-eos
+    appends: the template's ``<|im_end|>``, or without a template the tokenizer's EOS."""
+    rows = [{"prompt": "What is two plus two?", "response": "Four."}, {"prompt": "Say A.", "response": "A"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = run_eval(EvalConfig(model=str(chatml_eos_teacher), data=str(data), chat_template=chat_template,
+                                 max_new_tokens=2, batch_size=2))
+    tok = AutoTokenizer.from_pretrained(chatml_eos_teacher)
+    model = AutoModelForCausalLM.from_pretrained(chatml_eos_teacher, dtype=torch.float32).eval()
+    end_id, other_id = (tok.convert_tokens_to_ids(t) for t in (end, ({"<|im_end|>", "<|endoftext|>"} - {end}).pop()))
+    assert tok.eos_token == "<|endoftext|>" and end_id != other_id  # precondition: EOS and turn end differ
+    for row, got in zip(rows, report["per_sample"]):
+        prompt = (tok.apply_chat_template(conversation(row), tokenize=False, add_generation_prompt=True)
+                  if chat_template == "auto" else row["prompt"])
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tok(row["response"], add_special_tokens=False)["input_ids"]
+        assert got["reference_tokens"] == len(r_ids) + 1
+        assert got["perplexity"] == pytest.approx(math.exp(mean_nll(model, p_ids, [*r_ids, end_id])), rel=1e-4)
+        # the appended token matters to the number: the other end token gives another perplexity
+        assert got["perplexity"] != pytest.approx(math.exp(mean_nll(model, p_ids, [*r_ids, other_id])), rel=1e-4)
 
 
 def test_batched_greedy_matches_unbatched(report, teacher, data, cache, tmp_path):

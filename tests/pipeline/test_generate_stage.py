@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -11,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from cache_helpers import assert_records_equal
-from gen_helpers import write_prompts
+from gen_helpers import generate_args, write_prompts
+from proc_helpers import killed_when_parked
 
 from logitcache.pipeline.generate_stage import GenerateConfig, finalize_cache, run_generate
 from logitcache.storage import LogitCache, verify_cache
@@ -140,48 +140,18 @@ main(sys.argv[1:], prog_name="logitcache")
 
 def test_sigkill_then_rerun_has_no_duplicates_or_gaps(teacher, tmp_path):
     data = write_prompts(tmp_path / "p.jsonl", 24)
-    args = [
-        "generate",
-        "--model",
-        str(teacher),
-        "--data",
-        str(data),
-        "--top-k",
-        "8",
-        "--shard-size",
-        "2",
-        "--max-new-tokens",
-        "6",
-        "--logprob-codec",
-        "fp32",
-    ]
+    args = generate_args(teacher, data, "--top-k", 8, "--shard-size", 2, "--max-new-tokens", 6,
+                         "--logprob-codec", "fp32")
     cli = [sys.executable, "-m", "logitcache.cli", *args]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", PARKED_GENERATE, *args, "--out", str(out)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        lines = []
-        while not (lines and lines[-1].startswith("parked ")):
-            line = proc.stdout.readline()
-            assert line, f"generate ended before shard 2 was written: {lines}"
-            lines.append(line.strip())
+    parked = [sys.executable, "-c", PARKED_GENERATE, *args, "--out", str(out)]
+    with killed_when_parked(parked, "shard 2 was written", stderr=subprocess.DEVNULL) as lines:
         # precondition: killed mid-run, with shards 0 and 1 committed and shard 2 half-written
         parked_in = lines[-1].removeprefix("parked ")
         assert os.path.exists(parked_in)
         shard_dirs = sorted(os.listdir(out / "shards"))
         assert [d for d in shard_dirs if d.startswith("shard-")] == ["shard-000000", "shard-000001"], shard_dirs
         assert not (out / "manifest.json").exists()
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdin.close()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists()
     rerun = subprocess.run([*cli, "--out", str(out)], check=True, capture_output=True, text=True)
     assert "shards 2 already done" in rerun.stdout, rerun.stdout  # the committed shards are kept, not redone

@@ -7,7 +7,7 @@ import json
 import pytest
 from cli_helpers import one_line_error
 from click.testing import CliRunner
-from gen_helpers import write_prompts
+from gen_helpers import generate_args, write_prompts
 
 from logitcache.cli import main
 from logitcache.storage import LogitCache
@@ -19,20 +19,7 @@ def teacher(ascii_teacher_folder):
 
 
 def gen(teacher, data, out, *extra):
-    args = [
-        "generate",
-        "--model",
-        str(teacher),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--top-k",
-        "4",
-        "--max-new-tokens",
-        "4",
-        *map(str, extra),
-    ]
+    args = generate_args(teacher, data, "--out", out, "--top-k", 4, "--max-new-tokens", 4, *extra)
     return CliRunner().invoke(main, args)
 
 

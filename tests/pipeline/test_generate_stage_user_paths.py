@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_line_error
 from click.testing import CliRunner
 from transformers import PreTrainedTokenizerFast
 
@@ -95,6 +96,15 @@ def test_fail_policy_names_the_sample(ascii_teacher_folder: Path, prompts_file: 
                          max_new_tokens=4, shard_size=4, on_sample_error="fail")
     with pytest.raises(SampleError, match="sample 1: .*boom on purpose"):
         run_generate(cfg)
+
+
+@pytest.mark.usefixtures("broken_sample")
+def test_fail_policy_is_one_line_through_the_cli(ascii_teacher_folder: Path, prompts_file: Path,
+                                                 tmp_path: Path) -> None:
+    args = ["generate", "--model", str(ascii_teacher_folder), "--data", str(prompts_file), "--top-k", "4",
+            "--max-new-tokens", "4", "--shard-size", "4", "--out", str(tmp_path / "c"), "--on-sample-error", "fail"]
+    result = CliRunner().invoke(main, args)
+    one_line_error(result, "sample 1", "RuntimeError: boom on purpose", "--on-sample-error skip")
 
 
 # ------------------------------------------------------------------------- end tokens of chat teachers (items 2, 3)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 from cache_helpers import random_record, write_cache
+from proc_helpers import killed_when_parked
 
 from logitcache.storage import (
     CacheHeader,
@@ -188,23 +188,9 @@ KILL_SCRIPT = textwrap.dedent(
 def test_sigkill_mid_shard_then_rerun_finishes(tmp_path):
     path = str(tmp_path / "cache")
     script = KILL_SCRIPT.format(tests=os.path.dirname(os.path.dirname(__file__)), path=path)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, "park"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    seen = []
-    try:
-        while not (seen and seen[-1].startswith("parked ")):
-            line = proc.stdout.readline()
-            assert line, f"writer ended before shard 1 was half-written: {seen}"
-            seen.append(line.strip())
+    with killed_when_parked([sys.executable, "-c", script, "park"], "shard 1 was half-written") as seen:
         # precondition: the kill lands mid-shard (shard 1's table written under its temporary name)
         assert os.path.isfile(seen[-1].removeprefix("parked "))
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdin.close()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
     assert "shard 0" in seen
     with pytest.raises(CacheIncompleteError):
         LogitCache.open(path)

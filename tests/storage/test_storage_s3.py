@@ -2,40 +2,22 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 from cache_helpers import assert_records_equal, random_record, write_cache
 from ci_helpers import need_module
+from s3_helpers import moto_s3
 
 from logitcache.storage import CacheIncompleteError, CacheWriter, LogitCache, verify_cache
 
 # both come with the dev extra (scripts/setup_env.sh): a skip here, a failure under CI (ci_helpers.need)
 need_module("s3fs", "needs s3fs: pip install -e '.[dev]'")
-moto_server = need_module("moto.server", "needs moto's server mode: pip install -e '.[dev]'")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+need_module("moto.server", "needs moto's server mode: pip install -e '.[dev]'")
 
 
 @pytest.fixture(scope="module")
 def s3():
-    import boto3
-
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
-    ).create_bucket(Bucket="caches")
-    opts = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    yield opts
-    server.stop()
+    yield from moto_s3("caches")
 
 
 def test_s3_roundtrip(s3):

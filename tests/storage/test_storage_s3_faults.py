@@ -5,7 +5,6 @@ refused connection fails in well under a second."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,35 +13,19 @@ import numpy as np
 import pytest
 from cache_helpers import random_record, write_cache
 from cli_helpers import one_line_error
+from s3_helpers import free_port, moto_s3
 
 from logitcache.storage import CacheError, CacheHeader, CacheNotFoundError, CacheWriter, LogitCache, verify_cache
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 FAST = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 2}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
-    import boto3
-
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
-    ).create_bucket(Bucket="faults")
-    opts = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    yield opts
-    server.stop()
+    yield from moto_s3("faults")
 
 
 @pytest.fixture()
@@ -147,7 +130,7 @@ def test_unreachable_endpoint_is_one_line(s3):
     opts = {
         "key": "test",
         "secret": "test",
-        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{_free_port()}", "region_name": "us-east-1"},
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}", "region_name": "us-east-1"},
         "skip_instance_cache": True,
         **FAST,
     }
@@ -180,7 +163,7 @@ def test_cli_reports_unreachable_endpoint_in_one_line(s3, no_credentials):
 
     from logitcache.cli import main
 
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_ACCESS_KEY_ID": "k"}
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "k"}
     env["AWS_SECRET_ACCESS_KEY"] = "s"
     for command in (["inspect", "s3://faults/cli"], ["verify", "s3://faults/cli"], ["show", "s3://faults/cli"]):
         result = CliRunner().invoke(main, command, env=env)
