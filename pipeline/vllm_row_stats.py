@@ -11,7 +11,7 @@ pickled callables). Its one method swaps vLLM's top-K gather for a wrapper that,
    unprocessed, where it would pass log-softmax),
 2. computes the logprobs with ``log_softmax`` in float32 (vLLM's own ``raw_logprobs`` op, so rows are bit for bit
    what ``raw_logprobs`` mode returns) and one statistic per requested spec (``logsumexp(logits / tau)``; also the
-   logits' ``mean`` / ``std``),
+   logits' ``mean`` / ``std``; see :func:`stat_columns` for how, cheaply),
 3. calls vLLM's own gather on the logprobs for ``K = requested - T`` entries and inserts the ``T`` statistics as
    columns ``1 .. T`` (token id :data:`SENTINEL`) between the realized token (column 0) and the top-K.
 
@@ -64,41 +64,59 @@ def parse_spec(spec: str) -> tuple[str, float]:
     raise ValueError(f"unknown row statistic {spec!r} (expected 'lse:<tau>', 'mean' or 'std')")
 
 
-def stat_columns(logits: torch.Tensor, specs: Sequence[tuple[str, float]], logprobs: torch.Tensor) -> torch.Tensor:
-    """``[n, T]`` float32 statistics of ``[n, V]`` float32 logits (``logprobs`` is their ``log_softmax``).
+def stat_columns(
+    logits: torch.Tensor,
+    logprobs: torch.Tensor,
+    lse1: torch.Tensor,
+    specs: Sequence[tuple[str, float]],
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[n, T]`` float32 statistics of ``[n, V]`` float32 ``logits``, given their ``log_softmax`` and ``lse1``.
 
-    ``logsumexp`` is computed as ``m / tau + log(sum(exp((x - m) / tau)))`` with ``m`` the row max, in place on one
-    temporary per temperature (``torch.logsumexp`` is several times slower on CPU); at ``tau = 1`` it is read off
-    the log-softmax vLLM computes anyway (``m - max(logprobs)``: the fused kernel writes ``-log(sum)`` at the max).
+    ``logsumexp(x / tau) = lse1 / tau + log(sum(exp(logprobs / tau)))``: the terms are <= 1 with the largest near
+    ``exp(-log(sum) / tau)``, so no max-shift is needed and no term overflows. One ``[n, V]`` buffer serves every
+    temperature (``scratch``, which may be ``logits`` itself when the caller gives it away: its values are read
+    first for ``mean`` / ``std``); ``torch.logsumexp`` would be several times slower on CPU.
     """
-    cols = []
-    m = logits.amax(dim=-1, keepdim=True)
-    for kind, tau in specs:
-        if kind == "lse":
-            if tau == 1.0:
-                cols.append(m[:, 0] - logprobs.amax(dim=-1))
-            else:
-                cols.append(m[:, 0] / tau + (logits - m).mul_(1.0 / tau).exp_().sum(dim=-1).log_())
-        elif kind == "mean":
-            cols.append(logits.mean(dim=-1))
-        else:  # population standard deviation, as numpy's default
-            cols.append(logits.std(dim=-1, correction=0))
-    return torch.stack(cols, dim=1).to(torch.float32)
+    cols: dict[int, torch.Tensor] = {}
+    for i, (kind, _) in enumerate(specs):  # these read the logits, before the scratch buffer may overwrite them
+        if kind == "mean":
+            cols[i] = logits.mean(dim=-1)
+        elif kind == "std":  # population standard deviation, as numpy's default
+            cols[i] = logits.std(dim=-1, correction=0)
+    for i, (kind, tau) in enumerate(specs):
+        if kind != "lse":
+            continue
+        if tau == 1.0:
+            cols[i] = lse1
+            continue
+        if scratch is None:
+            scratch = torch.empty_like(logprobs)
+        torch.mul(logprobs, 1.0 / tau, out=scratch)
+        cols[i] = lse1 / tau + scratch.exp_().sum(dim=-1).log_()
+    return torch.stack([cols[i] for i in range(len(specs))], dim=1).to(torch.float32)
 
 
 def _with_stats(
-    gather: Callable[[torch.Tensor, int], Any], logits: torch.Tensor, num_logprobs: int
+    gather: Callable[[torch.Tensor, int], Any], logits: torch.Tensor, num_logprobs: int, reuse_logits: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[Any, ...]]:
-    """Run vLLM's gather (``gather(logprobs, k)``) and splice the statistics in after the realized token."""
+    """Run vLLM's gather (``gather(logprobs, k)``) and splice the statistics in after the realized token.
+
+    ``reuse_logits``: vLLM hands us a tensor nobody reads afterwards, so it may serve as scratch space.
+    """
+    owned = logits.dtype != torch.float32
     logits = logits.to(torch.float32)
     logprobs = logits.log_softmax(dim=-1)  # vLLM's own raw_logprobs op (Sampler.compute_logprobs), bit for bit
     specs = _STATE["specs"]
     t = len(specs)
-    if t == 0 or num_logprobs < t:  # no statistics asked for (or a request too narrow to carry them)
+    if t == 0 or num_logprobs <= t:  # no statistics asked for (or a request too narrow to carry them)
         ids, vals, ranks, *rest = gather(logprobs, num_logprobs)
         return ids, vals, ranks, tuple(rest)
     ids, vals, ranks, *rest = gather(logprobs, num_logprobs - t)
-    stats = stat_columns(logits, specs, logprobs).to(vals.dtype)
+    # lse at tau = 1 from the top-1 entry: log_softmax writes exactly -log(sum exp(x - max)) at the max
+    top1 = ids[:, 1:2].long()
+    lse1 = (logits.gather(1, top1) - logprobs.gather(1, top1))[:, 0]
+    stats = stat_columns(logits, logprobs, lse1, specs, logits if (reuse_logits or owned) else None).to(vals.dtype)
     stat_ids = torch.full((ids.shape[0], t), SENTINEL, dtype=ids.dtype, device=ids.device)
     ids = torch.cat((ids[:, :1], stat_ids, ids[:, 1:]), dim=1)
     vals = torch.cat((vals[:, :1], stats, vals[:, 1:]), dim=1)
@@ -113,7 +131,10 @@ def _hook_v1(runner: Any) -> None:
 
     def gather_logprobs(logprobs: torch.Tensor, num_logprobs: int, token_ids: torch.Tensor) -> Any:
         # logprobs_mode="raw_logits": ``logprobs`` holds the raw float32 logits here
-        ids, vals, ranks, _ = _with_stats(lambda lp, k: original(lp, k, token_ids), logprobs, num_logprobs)
+        # the tensor is a throwaway: a clone in Sampler.forward (v1/sample/sampler.py:90-94), fresh logits on the
+        # prompt path (v1/worker/gpu_model_runner.py:5375-5391); neither is read after the gather
+        gather = lambda lp, k: original(lp, k, token_ids)  # noqa: E731
+        ids, vals, ranks, _ = _with_stats(gather, logprobs, num_logprobs, reuse_logits=True)
         return LogprobsTensors(ids, vals, ranks)
 
     sampler.gather_logprobs = gather_logprobs
@@ -139,7 +160,7 @@ def _hook_v2() -> None:
         def gather(lp: torch.Tensor, k: int) -> Any:
             return original(lp, k, sampled_token_ids, **kwargs)
 
-        ids, vals, ranks, rest = _with_stats(gather, logits, num_logprobs)
+        ids, vals, ranks, rest = _with_stats(gather, logits, num_logprobs, reuse_logits=False)
         return LogprobsTensors(ids, vals, ranks, *rest)
 
     sampler_mod.compute_topk_scores = compute_topk_scores
