@@ -30,8 +30,9 @@ Hook points, read from vLLM 0.32's source (``docs/vllm_row_stats.md`` has line n
 
 Trade-offs: it relies on vLLM internals (a function's name and signature), so a vLLM upgrade can break it; it fails
 loudly rather than silently (the RPC raises when neither hook point exists, and the caller checks the sentinel ids
-of every position). Cost: a few extra float32 passes over the ``[tokens, vocab]`` logits per statistic, the same
-order as the log-softmax vLLM already does, and ``T`` extra numbers per position on the wire.
+of every position). Speculative decoding is refused (its rejection sampler calls the same gather with other
+inputs). Cost: per temperature other than 1, one scale + exp + sum pass over the ``[tokens, vocab]`` logits (tau = 1
+is read off the top-1 entry for free), and ``T`` extra numbers per position on the wire.
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ class RowStatsWorkerExtension:
             if "v2" not in _STATE["hooks"]:
                 _hook_v2()
                 _STATE["hooks"].add("v2")
+        if getattr(runner, "speculative_config", None) is not None:
+            raise RuntimeError("logitcache row statistics do not support speculative decoding")
         if runner.model_config.logprobs_mode != "raw_logits":
             raise RuntimeError("logitcache row statistics need the engine built with logprobs_mode='raw_logits'")
         _STATE["specs"] = parsed
