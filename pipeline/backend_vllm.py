@@ -15,9 +15,13 @@ How vLLM (0.32) reports logprobs, which the conversion here relies on (read from
 ``vllm/logprobs.py``, ``vllm/v1/engine/logprobs.py``, ``vllm/v1/sample/sampler.py``,
 ``vllm/v1/worker/gpu_model_runner.py``):
 
-- The engine is built with ``max_logprobs`` (the largest K a request may ask for) and
-  ``logprobs_mode="raw_logprobs"``: ``log_softmax`` in float32 of the **raw** logits (before temperature, top-p
-  or penalties), i.e. the temperature-1 distribution over the full vocabulary that DESIGN.md section 2 asks for.
+- The rows hold ``log_softmax`` in float32 of the **raw** logits (before temperature, top-p or penalties), i.e.
+  the temperature-1 distribution over the full vocabulary that DESIGN.md section 2 asks for. With
+  ``row_stats=False`` that is vLLM's ``logprobs_mode="raw_logprobs"``. By default (``row_stats=True``) the engine
+  runs in ``raw_logits`` mode with the worker extension of :mod:`.vllm_row_stats`, whose hook computes the same
+  ``log_softmax`` itself plus the requested row statistics (``logsumexp(logits / tau)`` over the full vocabulary,
+  ``extra_temperatures``) and splices them in as ``T`` extra entries after the realized token (token id -1); the
+  engine's ``max_logprobs`` is ``max_logprobs + 8`` to make room. Design and evidence: docs/vllm_row_stats.md.
 - Per position the sampler returns ``K + 1`` entries: first the realized token (the sampled token in generate
   mode, the next prompt token for prompt logprobs) with its true rank (``#{v : logprob_v >= logprob_target}``,
   >= 1), then ``torch.topk``'s K entries (sorted descending) with ranks ``1..K``. With ``flat_logprobs=True``
@@ -27,6 +31,7 @@ How vLLM (0.32) reports logprobs, which the conversion here relies on (read from
   top-K (the dict view, ``list[dict[int, Logprob]]``, collapses the duplicate, which is where "the realized token
   appears as a (K+1)-th entry only when outside the top-K" comes from). We reshape the flat lists to
   ``[n, K + 1]`` with numpy: column 0 is the target, columns ``1..K`` the top-K; no per-token Python objects.
+  With ``T`` row statistics a request asks for ``K + T`` and gets ``[n, 1 + T + K]``: target, statistics, top-K.
 - ``prompt_logprobs`` has one entry per prompt token; entry 0 is empty (``None`` in the dict view: nothing
   predicts the first token) and entry ``i >= 1`` is the distribution at position ``i - 1`` scored against prompt
   token ``i``. The loss span ``P-1 .. n-2`` is therefore entries ``P .. n-1``.
@@ -58,6 +63,8 @@ import numpy as np
 
 from logitcache.config import ConfigError
 from logitcache.storage.records import PositionRows
+
+from .vllm_row_stats import MAX_STATS, SENTINEL
 
 __all__ = ["VLLM_MISSING", "VllmBackend", "VllmMissingError", "flat_to_rows", "request_seeds"]
 
@@ -92,12 +99,8 @@ def _check_top_k(k: int, vocab: int, max_logprobs: int) -> None:
         )
 
 
-def _no_extra_temperatures(extra_temperatures: Iterable[float]) -> None:
-    if list(extra_temperatures):
-        raise ConfigError(
-            "the vllm backend cannot record extra temperatures (it never sees the full logits); "
-            "use --backend hf for --extra-temperatures"
-        )
+#: the worker extension vLLM mixes into its worker (row statistics hook, see :mod:`.vllm_row_stats`)
+ROW_STATS_EXTENSION = "logitcache.pipeline.vllm_row_stats.RowStatsWorkerExtension"
 
 
 def request_seeds(seed: int | Sequence[int], n: int) -> list[int]:
@@ -114,38 +117,56 @@ def request_seeds(seed: int | Sequence[int], n: int) -> list[int]:
     return seeds
 
 
-def flat_to_rows(flat: Any, first: int, k: int, expected_targets: np.ndarray | None = None) -> PositionRows:
+def flat_to_rows(
+    flat: Any,
+    first: int,
+    k: int,
+    expected_targets: np.ndarray | None = None,
+    temperatures: Sequence[float] = (),
+) -> PositionRows:
     """Positions ``first ..`` of a vLLM ``FlatLogprobs`` as :class:`PositionRows` (vectorized, see module doc).
 
-    Each position must hold ``k + 1`` entries: the realized token, then the top-k. ``expected_targets`` (the
-    tokens the positions are known to predict) is checked against column 0.
+    Each position must hold ``1 + T + k`` entries: the realized token, ``T = len(temperatures)`` row statistics
+    ``logsumexp(logits / tau)`` (token id :data:`~logitcache.pipeline.vllm_row_stats.SENTINEL`, spliced in by the
+    engine hook), then the top-k. ``expected_targets`` (the tokens the positions are known to predict) is checked
+    against column 0.
     """
     if type(flat).__name__ != "FlatLogprobs":
         raise TypeError(f"expected vllm FlatLogprobs (SamplingParams(flat_logprobs=True)), got {type(flat).__name__}")
     starts = np.asarray(flat.start_indices[first:], dtype=np.int64)
     ends = np.asarray(flat.end_indices[first:], dtype=np.int64)
     n = int(starts.shape[0])
+    temps = tuple(float(t) for t in temperatures)
+    t = len(temps)
     if n == 0:
-        return PositionRows.empty(k)
-    width = k + 1
+        return PositionRows.empty(k, temps)
+    width = k + 1 + t
     if not (np.all(ends - starts == width) and np.all(starts[1:] == ends[:-1])):
         bad = np.unique(ends - starts).tolist()
         raise RuntimeError(
-            f"unexpected vLLM logprobs layout: positions hold {bad} entries, expected {width} (realized + top-{k}); "
-            "this vLLM version changed FlatLogprobs"
+            f"unexpected vLLM logprobs layout: positions hold {bad} entries, expected {width} (realized + {t} row "
+            f"statistics + top-{k}); this vLLM version changed FlatLogprobs"
         )
     lo, hi = int(starts[0]), int(ends[-1])
     ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int64).reshape(n, width)
     lps = np.asarray(flat.logprobs[lo:hi], dtype=np.float32).reshape(n, width)
     target_ids, target_lp = ids[:, 0], lps[:, 0]
-    top_ids, top_lp = ids[:, 1:], lps[:, 1:]
+    if t and not np.all(ids[:, 1 : 1 + t] == SENTINEL):
+        raise RuntimeError(
+            "vLLM returned no row statistics where the logitcache engine hook puts them; the hook is not active "
+            "in this engine (see pipeline/vllm_row_stats.py)"
+        )
+    extra = {tau: lps[:, 1 + i] for i, tau in enumerate(temps)}
+    top_ids, top_lp = ids[:, 1 + t :], lps[:, 1 + t :]
     if n and np.any(np.diff(top_lp, axis=1) > 0):  # torch.topk(sorted=True) already sorts; be safe anyway
         order = np.argsort(-top_lp, axis=1, kind="stable")
         top_ids = np.take_along_axis(top_ids, order, axis=1)
         top_lp = np.take_along_axis(top_lp, order, axis=1)
     if expected_targets is not None and not np.array_equal(target_ids, np.asarray(expected_targets).reshape(-1)):
         raise RuntimeError("vLLM returned logprobs for other tokens than the sequence's; refusing to cache them")
-    return PositionRows(topk_ids=top_ids, topk_logprobs=top_lp, target_ids=target_ids, target_logprobs=target_lp)
+    return PositionRows(
+        topk_ids=top_ids, topk_logprobs=top_lp, target_ids=target_ids, target_logprobs=target_lp, extra_lse=extra
+    )
 
 
 class VllmBackend:
@@ -168,6 +189,7 @@ class VllmBackend:
         max_logprobs: int = 128,
         seed: int = 0,
         kv_cache_memory_bytes: int | None = None,
+        row_stats: bool = True,
         **engine_kwargs: Any,
     ) -> None:
         vllm = _import_vllm()
@@ -186,14 +208,20 @@ class VllmBackend:
             and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")
         ):
             kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+        self.row_stats = bool(row_stats)
+        if self.row_stats and "worker_extension_cls" in engine_kwargs:
+            raise ValueError("row_stats=True installs its own vLLM worker_extension_cls; pass row_stats=False")
         kwargs: dict[str, Any] = {
             "model": str(self.folder),
             "dtype": dtype,
-            "max_logprobs": self.max_logprobs,
-            "logprobs_mode": "raw_logprobs",
+            # row statistics ride in extra logprob slots; the hook turns raw logits into raw logprobs itself
+            "max_logprobs": self.max_logprobs + (MAX_STATS if self.row_stats else 0),
+            "logprobs_mode": "raw_logits" if self.row_stats else "raw_logprobs",
             "seed": int(seed),
             **engine_kwargs,
         }
+        if self.row_stats:
+            kwargs["worker_extension_cls"] = ROW_STATS_EXTENSION
         if max_model_len is not None:
             kwargs["max_model_len"] = int(max_model_len)
         if kv_cache_memory_bytes is not None:
@@ -205,6 +233,10 @@ class VllmBackend:
         self.max_model_len = int(config.max_model_len)
         self.dtype = str(config.dtype).removeprefix("torch.")
         self.eos_ids = self._default_eos_ids()
+        self._temps: tuple[float, ...] = ()
+        self.runner = "unknown"
+        if self.row_stats:
+            self.runner = self._set_row_stats(())
 
     # -------------------------------------------------------------------------------------------- lifecycle
 
@@ -217,7 +249,9 @@ class VllmBackend:
             "dtype": self.dtype,
             "max_model_len": self.max_model_len,
             "max_logprobs": self.max_logprobs,
-            "logprobs_mode": "raw_logprobs",
+            "logprobs_mode": "raw_logprobs",  # what the rows hold (with row_stats the hook computes them)
+            "row_stats": "engine hook, exact" if self.row_stats else "none",
+            "model_runner": self.runner,
         }
 
     def close(self) -> None:
@@ -251,6 +285,25 @@ class VllmBackend:
             tokenizer = None
         return end_token_ids(tokenizer, self.folder)
 
+    def _set_row_stats(self, temps: tuple[float, ...]) -> str:
+        """Tell the engine's worker(s) which statistics every position carries from now on; returns the runner."""
+        kinds = self._engine().collective_rpc("logitcache_row_stats", args=([f"lse:{t!r}" for t in temps],))
+        self._temps = temps
+        return str(kinds[0]) if kinds else "unknown"
+
+    def _temperatures(self, extra_temperatures: Iterable[float]) -> tuple[float, ...]:
+        """Validated, de-duplicated temperatures; switches the engine hook to them when they change."""
+        temps = tuple(dict.fromkeys(float(t) for t in extra_temperatures))
+        if any(not (np.isfinite(t) and t > 0) for t in temps):
+            raise ConfigError(f"--extra-temperatures must be finite and > 0, got {list(temps)}")
+        if temps and not self.row_stats:
+            raise ValueError("this VllmBackend was built with row_stats=False: it cannot record extra temperatures")
+        if len(temps) > MAX_STATS:
+            raise ConfigError(f"--extra-temperatures: the vllm backend records at most {MAX_STATS}, got {len(temps)}")
+        if temps != self._temps:
+            self._set_row_stats(temps)
+        return temps
+
     def _check_ids(self, what: str, i: int, ids: np.ndarray) -> None:
         if len(ids) and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"{what} {i}: token ids outside [0, {self.vocab_size})")
@@ -271,7 +324,7 @@ class VllmBackend:
         if len(token_ids_batch) != len(prompt_lens):
             raise ValueError(f"{len(token_ids_batch)} sequences but {len(prompt_lens)} prompt lengths")
         _check_top_k(k, self.vocab_size, self.max_logprobs)
-        _no_extra_temperatures(extra_temperatures)
+        temps = self._temperatures(extra_temperatures)
         seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in token_ids_batch]
         for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
             if not (1 <= p <= len(s) or p == len(s) == 0):
@@ -282,12 +335,12 @@ class VllmBackend:
                     f"sequence {i} has {len(s)} tokens; the vllm engine's max_model_len {self.max_model_len} "
                     "must exceed it (raise --max-model-len)"
                 )
-        out = [PositionRows.empty(k) for _ in seqs]
+        out = [PositionRows.empty(k, temps) for _ in seqs]
         live = [i for i, (s, p) in enumerate(zip(seqs, prompt_lens)) if len(s) - int(p) > 0]
         if not live:
             return out
         params = SamplingParams(
-            max_tokens=1, temperature=0.0, prompt_logprobs=int(k), flat_logprobs=True, detokenize=False
+            max_tokens=1, temperature=0.0, prompt_logprobs=int(k) + len(temps), flat_logprobs=True, detokenize=False
         )
         prompts = [TokensPrompt(prompt_token_ids=seqs[i].tolist()) for i in live]
         results = self._engine().generate(prompts, params, use_tqdm=False)
@@ -296,7 +349,7 @@ class VllmBackend:
             if res.prompt_logprobs is None or len(res.prompt_logprobs) != len(seqs[i]):
                 got = None if res.prompt_logprobs is None else len(res.prompt_logprobs)
                 raise RuntimeError(f"sequence {i}: vLLM returned {got} prompt logprob positions for {len(seqs[i])}")
-            out[i] = flat_to_rows(res.prompt_logprobs, p, k, expected_targets=seqs[i][p:])
+            out[i] = flat_to_rows(res.prompt_logprobs, p, k, expected_targets=seqs[i][p:], temperatures=temps)
         return out
 
     # --------------------------------------------------------------------------------------------- generate
@@ -323,7 +376,7 @@ class VllmBackend:
         from logitcache.pipeline.backend_hf import Generated, check_sampling
 
         _check_top_k(k, self.vocab_size, self.max_logprobs)
-        _no_extra_temperatures(extra_temperatures)
+        temps = self._temperatures(extra_temperatures)
         check_sampling(max_new_tokens, temperature, top_p)
         prompts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompt_ids_batch]
         for i, p in enumerate(prompts):
@@ -340,14 +393,14 @@ class VllmBackend:
         if not prompts:
             return []
         if max_new_tokens == 0:
-            return [Generated(np.zeros(0, np.int32), "length", PositionRows.empty(k)) for _ in prompts]
+            return [Generated(np.zeros(0, np.int32), "length", PositionRows.empty(k, temps)) for _ in prompts]
         params = [
             SamplingParams(
                 max_tokens=int(max_new_tokens),
                 temperature=float(temperature),
                 top_p=float(top_p),
                 seed=s,
-                logprobs=int(k),
+                logprobs=int(k) + len(temps),
                 flat_logprobs=True,
                 detokenize=False,
                 ignore_eos=True,  # stop on exactly `eos`, via stop_token_ids
@@ -365,7 +418,7 @@ class VllmBackend:
             if comp.finish_reason not in ("stop", "length"):
                 raise RuntimeError(f"prompt {i}: vLLM finished with {comp.finish_reason!r}")
             completion = np.asarray(comp.token_ids, dtype=np.int32)
-            rows = flat_to_rows(comp.logprobs, 0, k, expected_targets=completion)
+            rows = flat_to_rows(comp.logprobs, 0, k, expected_targets=completion, temperatures=temps)
             reason = "stop" if len(completion) and int(completion[-1]) in eos_set else "length"
             generated.append(Generated(completion, reason, rows))
         return generated

@@ -80,14 +80,8 @@ class VllmEngine:
     def __init__(self, cfg: Any, tokenizer: Any) -> None:
         import torch
 
-        from logitcache.config import ConfigError
-
         from .backend_vllm import VllmBackend
 
-        if cfg.extra_temperatures:
-            raise ConfigError(
-                "--extra-temperatures needs the full logits, which only --backend hf sees; drop it or use --backend hf"
-            )
         gpu = torch.cuda.is_available()
         dtype = cfg.resolved_dtype()
         kwargs: dict[str, Any] = {}
@@ -110,11 +104,13 @@ class VllmEngine:
         self.max_length = self.backend.max_model_len
 
     def score(self, token_ids: list[np.ndarray], prompt_lens: list[int]) -> list[PositionRows]:
-        return self.backend.score(token_ids, prompt_lens, self.cfg.top_k)
+        temps = self.cfg.extra_temperatures
+        return self.backend.score(token_ids, prompt_lens, self.cfg.top_k, extra_temperatures=temps)
 
     def generate(self, prompt_ids: list[np.ndarray], seed: int) -> list[tuple[np.ndarray, str, PositionRows]]:
         out = self.backend.generate(
-            prompt_ids, self.cfg.top_k, self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p, seed
+            prompt_ids, self.cfg.top_k, self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p, seed,
+            extra_temperatures=self.cfg.extra_temperatures,
         )
         return [(g.completion_ids, g.finish_reason, g.rows) for g in out]
 

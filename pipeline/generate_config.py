@@ -61,7 +61,9 @@ class GenerateConfig:
         "Score mode: append the token that ends the teacher's assistant turn (its chat template's, e.g. <|im_end|>; "
         "else its EOS) so the cache also teaches stopping.",
     )
-    extra_temperatures: list[float] = option([], "Also store logsumexp(logits/tau) per position (hf backend).")
+    extra_temperatures: list[float] = option(
+        [], "Also store logsumexp(logits/tau) per position (both backends; 1.0 is then added)."
+    )
     shard_size: int = option(256, "Samples per cache shard (the unit of work, atomicity and resume).")
     num_shards: int = option(1, "Job arrays: number of tasks splitting the shards.")
     shard_index: int = option(0, "Job arrays: this task's index in [0, --num-shards).")

