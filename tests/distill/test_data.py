@@ -208,14 +208,14 @@ def test_a_reader_error_on_the_background_thread_surfaces_in_the_consumer(train_
     cache, store = open_data(train_setup)
     order = assign_shards([s.sequences for s in cache.shards], 1, 0, 0)[0]
     bad = order[1]  # the second shard the stream reads (by read-ahead, while the first is yielded)
-    read = cache.iter_shard
+    read = cache.sequence_table  # the loader's first read of a shard
 
     def failing(index: int, *a, **kw):
         if index == bad:
             raise ShardReadError(f"boom in shard {index}")
         return read(index, *a, **kw)
 
-    cache.iter_shard = failing  # type: ignore[method-assign]
+    cache.sequence_table = failing  # type: ignore[method-assign]
     first = cache.shards[[s.index for s in cache.shards].index(order[0])].sequences
     loader = Prefetcher(ExampleStream(cache, store), batch_size=first, pad_id=0, depth=4)
     try:

@@ -1,0 +1,246 @@
+"""The loader's content checks: what ``train`` refuses to use of a shard, checked when the shard is read.
+
+A cache written by a buggy writer (or doctored and resealed with fresh checksums) passes ``--verify checksums``;
+before this module such rows trained silently (NaN or positive logprobs, unsorted rows, ids outside the
+vocabulary) or ended in a traceback deep in a loss (a ``prompt_len`` that disagrees with the row count, teacher
+ids outside a same-vocabulary student's logits). ``read_checked_shard`` reads one cache shard and its alignment
+records and checks, per shard and vectorized (one reduction per field over the decoded arrays, no per-sequence
+Python): the sequence table (``row_count == len(token_ids) - prompt_len``, rows contiguous, token ids in
+``[0, vocab)``), the rows (top-k and target ids in ``[0, vocab)``, logprobs not NaN and ``<= 0``, top-k rows
+sorted descending, recorded lse not NaN), and the alignment records (one per sequence in the cache's order,
+student ids in the student's vocabulary, pairs and chunks inside both sides' row counts and on the same bytes).
+With a student of the teacher's vocabulary (``kl``/``rkl``), teacher top-k ids must also index its logits.
+
+A problem stops the run with one line (``CorruptCacheError``) naming the shard, the sample, the field and the fix
+(``logitcache verify CACHE --level full``). The checks cost a few passes over the decoded arrays per shard, on the
+read-ahead thread (numpy releases the GIL); ``bench/loader.py`` measures them (docs/decisions.md, stage three).
+
+The alignment is also checked against the cache's byte offsets, vectorized: each pair joins two rows whose
+tokens start at the same completion byte, each chunk's two sides start and end at the same bytes (a moved chunk
+boundary, which keeps every index in range, shows here). What stays with ``verify --level full``: the offsets
+themselves against the text, chunks tiling the rows, pairs strictly increasing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from logitcache.storage import LogitCache, PositionRows, SequenceRecord
+from logitcache.storage.alignment_store import AlignmentRecord, AlignmentStore
+from logitcache.storage.errors import CorruptCacheError
+from logitcache.storage.layout import record_from_table
+
+__all__ = ["StudentLimits", "read_checked_shard"]
+
+BLOCK_ROWS = 65536  # as LogitCache.iter_shard
+
+
+class StudentLimits:
+    """What the student can index: its vocabulary (input ids), and for a same-vocabulary run the teacher ids."""
+
+    def __init__(self, vocab: int | None = None, same_vocab: bool = False) -> None:
+        self.vocab, self.same_vocab = vocab, same_vocab
+
+
+def _fail(cache: LogitCache, where: str, sample_id: int | None, what: str) -> CorruptCacheError:
+    sample = f" sample {sample_id}:" if sample_id is not None else ""
+    return CorruptCacheError(
+        f"{where}:{sample} {what}; the cache's content is damaged (its checksums can be fresh: a faulty writer); "
+        f"run `logitcache verify {cache.loc.url} --level full` and regenerate or realign what it names"
+    )
+
+
+def _list(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    col = table.column(name).combine_chunks()
+    return np.asarray(col.values.to_numpy(zero_copy_only=False)), np.asarray(col.offsets.to_numpy(), np.int64)
+
+
+def _outside(values: np.ndarray, limit: int) -> int:
+    """Index of the first value outside ``[0, limit)``, or -1 (one unsigned max pass in the common case)."""
+    if values.size == 0:
+        return -1
+    u = values.view(np.uint32) if values.dtype == np.int32 else values.astype(np.int64).view(np.uint64)
+    if int(u.max()) < limit:
+        return -1
+    return int(np.flatnonzero(u >= limit)[0])
+
+
+def _check_table(cache: LogitCache, index: int, table: pa.Table, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Row ranges, counts and token ids of one sequence table; returns (row starts, sample ids)."""
+    sids = table.column("sample_id").to_numpy()
+    starts = table.column("row_start").to_numpy().astype(np.int64)
+    counts = table.column("row_count").to_numpy().astype(np.int64)
+    plens = table.column("prompt_len").to_numpy().astype(np.int64)
+    ids, offsets = _list(table, "token_ids")
+    lens = np.diff(offsets)
+    bad = np.flatnonzero((plens < 0) | (plens > lens) | (counts != lens - plens))
+    if bad.size:
+        i = int(bad[0])
+        raise _fail(cache, where, int(sids[i]), f"row_count {counts[i]} != len(token_ids) {lens[i]} - prompt_len "
+                    f"{plens[i]}")
+    expected = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else counts
+    bad = np.flatnonzero(starts != expected)
+    if bad.size:
+        i = int(bad[0])
+        raise _fail(cache, where, int(sids[i]), f"row_start {starts[i]} != {expected[i]} (rows not contiguous)")
+    total, positions = int(counts.sum()), cache._info(index).positions
+    if total != positions:
+        raise _fail(cache, where, None, f"the sequences hold {total} rows but the shard {positions}")
+    j = _outside(ids, cache.vocab_size)
+    if j >= 0:
+        i = int(np.searchsorted(offsets, j, "right") - 1)
+        raise _fail(cache, where, int(sids[i]), f"token_ids value {ids[j]} outside [0, {cache.vocab_size})")
+    return starts, sids
+
+
+def _check_rows(
+    cache: LogitCache, rows: PositionRows, first: int, starts: np.ndarray, sids: np.ndarray, where: str,
+    limits: StudentLimits,
+) -> None:  # fmt: skip
+    """Rows ``[first, first + rows.n)`` of the shard; on a problem, name the sequence holding the first bad row."""
+
+    def fail(row: int, what: str) -> CorruptCacheError:
+        i = int(np.searchsorted(starts, first + row, "right") - 1)
+        return _fail(cache, where, int(sids[i]), f"{what} (row {first + row - int(starts[i])} of the sequence)")
+
+    vocab, k = cache.vocab_size, max(rows.k, 1)
+    for name, values, limit in (("topk_ids", rows.topk_ids, vocab), ("target_ids", rows.target_ids, vocab)):
+        flat = values.reshape(-1)
+        j = _outside(flat, limit)
+        if j >= 0:
+            raise fail(j // k if name == "topk_ids" else j, f"{name} value {flat[j]} outside [0, {limit})")
+    if limits.same_vocab and limits.vocab is not None and limits.vocab < vocab:
+        j = _outside(rows.topk_ids.reshape(-1), limits.vocab)
+        if j >= 0:
+            raise fail(j // k, f"topk_ids value {rows.topk_ids.reshape(-1)[j]} outside the student's vocabulary "
+                       f"[0, {limits.vocab}) (--loss kl/rkl index the student's logits with teacher ids)")
+    lps = rows.topk_logprobs
+    for name, values in (("topk_logprobs", lps), ("target_logprobs", rows.target_logprobs)):
+        if values.size and not values.max() <= 0:  # NaN propagates through max: one pass for both
+            bad = np.flatnonzero(~(values.reshape(len(values), -1) <= 0).all(axis=1))
+            raise fail(int(bad[0]), f"{name} NaN or positive (logprobs must be <= 0)")
+    if lps.shape[1] > 1:
+        up = lps[:, 1:] > lps[:, :-1]
+        if up.any():
+            raise fail(int(np.flatnonzero(up.any(axis=1))[0]), "topk_logprobs not sorted descending")
+    for tau, lse in rows.extra_lse.items():
+        nan = np.isnan(lse)
+        if nan.any():
+            raise fail(int(np.flatnonzero(nan)[0]), f"lse@{tau:g} NaN")
+
+
+def _check_alignments(
+    cache: LogitCache, store: AlignmentStore, index: int, table: pa.Table, sids: np.ndarray, limits: StudentLimits
+) -> None:
+    """The store's records of shard ``index``: one per sequence in order, ids and row indices in range."""
+    cols = store.columns(index)
+    where = f"alignments/{store.key}/shards/{cache._info(index).name}"
+    a_sids = cols.scalars["sample_id"]
+    if cols.n != len(sids) or not np.array_equal(a_sids, sids):
+        raise _fail(cache, where, None, f"its {cols.n} records are not the cache shard's {len(sids)} sequences in "
+                    "order")
+    ids, id_off = cols.lists["student_token_ids"]
+    plen = cols.scalars["student_prompt_len"].astype(np.int64)
+    n_ids = np.diff(id_off)
+    bad = np.flatnonzero((plen < 0) | (plen > n_ids))
+    if bad.size:
+        i = int(bad[0])
+        raise _fail(cache, where, int(sids[i]), f"student_prompt_len {plen[i]} outside [0, {n_ids[i]}]")
+    if limits.vocab is not None:
+        j = _outside(ids, limits.vocab)
+        if j >= 0:
+            i = int(np.searchsorted(id_off, j, "right") - 1)
+            raise _fail(cache, where, int(sids[i]), f"student_token_ids value {ids[j]} outside the student's "
+                        f"vocabulary [0, {limits.vocab})")
+    nt = table.column("row_count").to_numpy().astype(np.int64)
+    ns = n_ids - plen + int(bool(store.header.get("student_end_row", True)))
+    for name, width, bounds in (("pairs", 2, ((nt, 1), (ns, 1))), ("chunks", 4, ((nt, 0), (nt, 0), (ns, 0), (ns, 0)))):
+        values, off = cols.lists[name]
+        if off[-1] - off[0] == 0:
+            continue
+        v = values[off[0] : off[-1]].reshape(-1, width).astype(np.int64)
+        rec = np.repeat(np.arange(cols.n), np.diff(off) // width)
+        # pairs index rows (< n); chunk bounds are row boundaries (<= n)
+        limit = np.stack([b[rec] - strict + 1 for b, strict in bounds], axis=1)
+        bad = np.flatnonzero(((v < 0) | (v >= limit)).any(axis=1))
+        if bad.size:
+            r = int(bad[0])
+            i = int(rec[r])
+            raise _fail(cache, where, int(sids[i]), f"{name} entry {v[r].tolist()} outside teacher rows [0, {nt[i]}) "
+                        f"x student rows [0, {ns[i]})")
+    _check_bytes(cache, cols, table, sids, nt, n_ids - plen, where)
+
+
+def _check_bytes(
+    cache: LogitCache, cols: Any, table: pa.Table, sids: np.ndarray, nt: np.ndarray, n_s: np.ndarray, where: str
+) -> None:
+    """Each pair joins rows whose tokens start at the same completion byte; each chunk's two sides start and end at
+    the same bytes (``verify``'s pair and chunk conditions, vectorized over the shard: no per-sequence Python)."""
+    s_vals, s_off = cols.lists["student_offsets"]
+    bad = np.flatnonzero(np.diff(s_off) != n_s)
+    if bad.size:
+        i = int(bad[0])
+        raise _fail(cache, where, int(sids[i]), f"{np.diff(s_off)[i]} student_offsets for {n_s[i]} student completion "
+                    "tokens")
+    t_vals, t_off = _list(table, "token_byte_offsets")
+    t_vals = t_vals.astype(np.int64, copy=False)
+    t_first = t_off[:-1] + table.column("prompt_len").to_numpy().astype(np.int64)  # row 0's token, per sequence
+    pbytes = pc.binary_length(table.column("prompt_text")).to_numpy().astype(np.int64)
+    nbytes = pc.binary_length(table.column("completion_text")).to_numpy().astype(np.int64)
+
+    def teacher(rec: np.ndarray, r: np.ndarray) -> np.ndarray:  # byte where teacher row r's token starts; end: nbytes
+        inside = r < nt[rec]
+        at = np.where(inside, t_first[rec] + r, 0)
+        return np.where(inside, t_vals[at] - pbytes[rec] if t_vals.size else 0, nbytes[rec])
+
+    def student(rec: np.ndarray, j: np.ndarray) -> np.ndarray:
+        inside = j < n_s[rec]
+        at = np.where(inside, s_off[rec] + j, 0)
+        return np.where(inside, s_vals[at] if s_vals.size else 0, nbytes[rec])
+
+    for name, width in (("pairs", 2), ("chunks", 4)):
+        values, off = cols.lists[name]
+        if off[-1] - off[0] == 0:
+            continue
+        v = values[off[0] : off[-1]].reshape(-1, width).astype(np.int64)
+        rec = np.repeat(np.arange(cols.n), np.diff(off) // width)
+        if name == "pairs":
+            tb, sb = teacher(rec, v[:, 0])[:, None], student(rec, v[:, 1])[:, None]
+        else:
+            tb = np.stack([teacher(rec, v[:, 0]), teacher(rec, v[:, 1])], axis=1)
+            sb = np.stack([student(rec, v[:, 2]), student(rec, v[:, 3])], axis=1)
+        bad = np.flatnonzero((tb != sb).any(axis=1))
+        if bad.size:
+            r = int(bad[0])
+            i = int(rec[r])
+            raise _fail(cache, where, int(sids[i]), f"{name} entry {v[r].tolist()} joins teacher bytes "
+                        f"{tb[r].tolist()} with student bytes {sb[r].tolist()} (the store disagrees with the cache's "
+                        "byte offsets)")
+
+
+def read_checked_shard(
+    cache: LogitCache, store: AlignmentStore, index: int, limits: StudentLimits
+) -> tuple[list[SequenceRecord], dict[int, AlignmentRecord]]:
+    """Shard ``index``'s records (as ``LogitCache.iter_shard`` reads them) and alignments, after the checks."""
+    where = cache._info(index).name
+    table = cache.sequence_table(index)
+    starts, sids = _check_table(cache, index, table, where)
+    _check_alignments(cache, store, index, table, sids, limits)
+    counts = table.column("row_count").to_numpy()
+    positions = cache._info(index).positions
+    records: list[SequenceRecord] = []
+    block: PositionRows | None = None
+    block_start = 0
+    for i in range(table.num_rows):
+        s, c = int(starts[i]), int(counts[i])
+        if block is None or s + c > block_start + block.n:
+            block_start = s
+            block = cache.read_rows(index, s, max(s + c, min(s + BLOCK_ROWS, positions)))
+            _check_rows(cache, block, s, starts, sids, where, limits)
+        records.append(record_from_table(table, i, block.slice(s - block_start, s - block_start + c)))
+    aligned = {a.sample_id: a for a in store.iter_shard(index)}
+    return records, aligned
