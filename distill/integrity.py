@@ -23,8 +23,6 @@ themselves against the text, chunks tiling the rows, pairs strictly increasing.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -123,10 +121,12 @@ def _check_rows(
         if values.size and not values.max() <= 0:  # NaN propagates through max: one pass for both
             bad = np.flatnonzero(~(values.reshape(len(values), -1) <= 0).all(axis=1))
             raise fail(int(bad[0]), f"{name} NaN or positive (logprobs must be <= 0)")
-    if lps.shape[1] > 1:
-        up = lps[:, 1:] > lps[:, :-1]
+    if lps.shape[1] > 1 and lps.size:
+        flat = lps.reshape(-1)  # one contiguous comparison (3x faster than per-row slices), row boundaries masked
+        up = flat[1:] > flat[:-1]
+        up[k - 1 :: k] = False
         if up.any():
-            raise fail(int(np.flatnonzero(up.any(axis=1))[0]), "topk_logprobs not sorted descending")
+            raise fail(int(np.flatnonzero(up)[0]) // k, "topk_logprobs not sorted descending")
     for tau, lse in rows.extra_lse.items():
         nan = np.isnan(lse)
         if nan.any():
@@ -157,69 +157,54 @@ def _check_alignments(
             raise _fail(cache, where, int(sids[i]), f"student_token_ids value {ids[j]} outside the student's "
                         f"vocabulary [0, {limits.vocab})")
     nt = table.column("row_count").to_numpy().astype(np.int64)
-    ns = n_ids - plen + int(bool(store.header.get("student_end_row", True)))
-    for name, width, bounds in (("pairs", 2, ((nt, 1), (ns, 1))), ("chunks", 4, ((nt, 0), (nt, 0), (ns, 0), (ns, 0)))):
-        values, off = cols.lists[name]
-        if off[-1] - off[0] == 0:
-            continue
-        v = values[off[0] : off[-1]].reshape(-1, width).astype(np.int64)
-        rec = np.repeat(np.arange(cols.n), np.diff(off) // width)
-        # pairs index rows (< n); chunk bounds are row boundaries (<= n)
-        limit = np.stack([b[rec] - strict + 1 for b, strict in bounds], axis=1)
-        bad = np.flatnonzero(((v < 0) | (v >= limit)).any(axis=1))
-        if bad.size:
-            r = int(bad[0])
-            i = int(rec[r])
-            raise _fail(cache, where, int(sids[i]), f"{name} entry {v[r].tolist()} outside teacher rows [0, {nt[i]}) "
-                        f"x student rows [0, {ns[i]})")
-    _check_bytes(cache, cols, table, sids, nt, n_ids - plen, where)
-
-
-def _check_bytes(
-    cache: LogitCache, cols: Any, table: pa.Table, sids: np.ndarray, nt: np.ndarray, n_s: np.ndarray, where: str
-) -> None:
-    """Each pair joins rows whose tokens start at the same completion byte; each chunk's two sides start and end at
-    the same bytes (``verify``'s pair and chunk conditions, vectorized over the shard: no per-sequence Python)."""
+    n_s = n_ids - plen
+    ns = n_s + int(bool(store.header.get("student_end_row", True)))
     s_vals, s_off = cols.lists["student_offsets"]
     bad = np.flatnonzero(np.diff(s_off) != n_s)
     if bad.size:
         i = int(bad[0])
         raise _fail(cache, where, int(sids[i]), f"{np.diff(s_off)[i]} student_offsets for {n_s[i]} student completion "
                     "tokens")
+    # byte where each row's token starts, relative to the completion; a row index at the end gives the completion's
+    # length (padded arrays keep every such index in bounds: the value there is replaced)
     t_vals, t_off = _list(table, "token_byte_offsets")
-    t_vals = t_vals.astype(np.int64, copy=False)
+    t_vals = np.append(t_vals.astype(np.int64, copy=False), [0, 0])
+    s_vals = np.append(s_vals.astype(np.int64, copy=False), [0, 0])
     t_first = t_off[:-1] + table.column("prompt_len").to_numpy().astype(np.int64)  # row 0's token, per sequence
     pbytes = pc.binary_length(table.column("prompt_text")).to_numpy().astype(np.int64)
     nbytes = pc.binary_length(table.column("completion_text")).to_numpy().astype(np.int64)
-
-    def teacher(rec: np.ndarray, r: np.ndarray) -> np.ndarray:  # byte where teacher row r's token starts; end: nbytes
-        inside = r < nt[rec]
-        at = np.where(inside, t_first[rec] + r, 0)
-        return np.where(inside, t_vals[at] - pbytes[rec] if t_vals.size else 0, nbytes[rec])
-
-    def student(rec: np.ndarray, j: np.ndarray) -> np.ndarray:
-        inside = j < n_s[rec]
-        at = np.where(inside, s_off[rec] + j, 0)
-        return np.where(inside, s_vals[at] if s_vals.size else 0, nbytes[rec])
-
     for name, width in (("pairs", 2), ("chunks", 4)):
         values, off = cols.lists[name]
         if off[-1] - off[0] == 0:
             continue
-        v = values[off[0] : off[-1]].reshape(-1, width).astype(np.int64)
+        v = values[off[0] : off[-1]].reshape(-1, width)
         rec = np.repeat(np.arange(cols.n), np.diff(off) // width)
-        if name == "pairs":
-            tb, sb = teacher(rec, v[:, 0])[:, None], student(rec, v[:, 1])[:, None]
-        else:
-            tb = np.stack([teacher(rec, v[:, 0]), teacher(rec, v[:, 1])], axis=1)
-            sb = np.stack([student(rec, v[:, 2]), student(rec, v[:, 3])], axis=1)
-        bad = np.flatnonzero((tb != sb).any(axis=1))
-        if bad.size:
-            r = int(bad[0])
+        t_rows, s_rows, end = nt[rec], ns[rec], nbytes[rec]
+        strict = int(name == "pairs")  # pairs index rows (< n); chunk bounds are row boundaries (<= n)
+        t_max, s_max = t_rows - strict, s_rows - strict
+        bad = np.zeros(len(v), bool)
+        for c in range(width):  # one column at a time (1-D passes); a negative value wraps to a huge unsigned one
+            bad |= v[:, c].view(np.uint32) > (t_max if c < width // 2 else s_max)
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
             i = int(rec[r])
-            raise _fail(cache, where, int(sids[i]), f"{name} entry {v[r].tolist()} joins teacher bytes "
-                        f"{tb[r].tolist()} with student bytes {sb[r].tolist()} (the store disagrees with the cache's "
-                        "byte offsets)")
+            raise _fail(cache, where, int(sids[i]), f"{name} entry {v[r].tolist()} outside teacher rows [0, {nt[i]}) "
+                        f"x student rows [0, {ns[i]})")
+        t_base, s_base, s_n = t_first[rec], s_off[rec], n_s[rec]
+        t_shift = end + pbytes[rec]  # the end value, before the prompt's bytes are taken off
+        for c in range(width // 2):
+            t_col, s_col = v[:, c], v[:, width // 2 + c]
+            tb = np.where(t_col < t_rows, t_vals[t_base + t_col], t_shift)  # absolute bytes (+ prompt bytes)
+            sb = np.where(s_col < s_n, s_vals[s_base + s_col], end)
+            bad |= tb - t_shift + end != sb
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            i = int(rec[r])
+            half = width // 2
+            t_at = [int(t_vals[t_first[i] + x] - pbytes[i]) if x < nt[i] else int(nbytes[i]) for x in v[r, :half]]
+            s_at = [int(s_vals[s_off[i] + x]) if x < n_s[i] else int(nbytes[i]) for x in v[r, half:]]
+            raise _fail(cache, where, int(sids[i]), f"{name} entry {v[r].tolist()} joins teacher bytes {t_at} with "
+                        f"student bytes {s_at} (the store disagrees with the cache's byte offsets)")
 
 
 def read_checked_shard(
