@@ -23,6 +23,8 @@ themselves against the text, chunks tiling the rows, pairs strictly increasing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,11 +39,13 @@ __all__ = ["StudentLimits", "read_checked_shard"]
 BLOCK_ROWS = 65536  # as LogitCache.iter_shard
 
 
+@dataclass(frozen=True)
 class StudentLimits:
-    """What the student can index: its vocabulary (input ids), and for a same-vocabulary run the teacher ids."""
+    """What the student model can index: ``vocab`` rows of embeddings and logits (None: unchecked); with
+    ``same_vocab`` (a ``kl``/``rkl`` run) the losses index its logits with the teacher's top-k ids too."""
 
-    def __init__(self, vocab: int | None = None, same_vocab: bool = False) -> None:
-        self.vocab, self.same_vocab = vocab, same_vocab
+    vocab: int | None = None
+    same_vocab: bool = False
 
 
 def _fail(cache: LogitCache, where: str, sample_id: int | None, what: str) -> CorruptCacheError:

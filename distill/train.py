@@ -91,8 +91,13 @@ class TrainData:
             eos_id=self.eos_id,
             epoch=state.get("epoch", 0),
             offset=state.get("offset", 0),
-            limits=StudentLimits(self.student_vocab, self.same_vocab),
+            limits=StudentLimits(self.student_vocab, self.same_vocab and _indexes_by_teacher_ids(cfg.loss)),
         )
+
+
+def _indexes_by_teacher_ids(loss: str) -> bool:
+    """Whether a loss of ``--loss`` reads the student's logits at the teacher's ids (kl, rkl)."""
+    return any(name in ("kl", "rkl") for name, _ in parse_loss_spec(loss))
 
 
 def open_inputs(cfg: TrainConfig, tokenizer: Any) -> TrainData:
@@ -355,7 +360,7 @@ def _vocab_rows(model: Any) -> int:
     return min(rows)
 
 
-def _finished_summary(out: Path, checkpoint: Path, cfg: TrainConfig) -> dict[str, Any]:
+def _finished_summary(ctx: RunContext, out: Path, checkpoint: Path, cfg: TrainConfig) -> dict[str, Any]:
     """``--resume`` of a run that already reached ``--max-steps``: its summary, untouched (rebuilt from the final
     checkpoint's totals if a kill came between that checkpoint and the summary)."""
     path = out / "summary.json"
@@ -372,7 +377,8 @@ def _finished_summary(out: Path, checkpoint: Path, cfg: TrainConfig) -> dict[str
             "checkpoint": str(checkpoint),
             "totals_complete": bool(totals),
         }
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        if ctx.is_main:
+            path.write_text(json.dumps(summary, indent=2) + "\n")
     return {**summary, "already_finished": True, "max_steps": cfg.max_steps}
 
 
@@ -392,7 +398,7 @@ def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> 
     identity = data_identity(data.cache, data.store)
     resume_from = _prepare_out(cfg, ctx, identity)
     if resume_from is not None and checkpoint_step(resume_from) >= cfg.max_steps:
-        return _finished_summary(out, resume_from, cfg)
+        return _finished_summary(ctx, out, resume_from, cfg)
     seed_all(cfg.seed + ctx.rank)
     student = str(resume_from / "student") if resume_from else cfg.student
     model = load_model(student, dtype="float32", device=ctx.device)

@@ -56,7 +56,12 @@ class TrainConfig:
     dtype: str = option("auto", "auto: bf16 autocast on GPU, float32 on CPU.", choices=["auto", "float32", "bfloat16"])
     device: str | None = option(None, "Torch device (default: cuda:LOCAL_RANK if available, else cpu).")
     teacher: str | None = option(None, "Online mode: compute the teacher rows with this model instead of the cache.")
-    verify: str = option("checksums", "Check the cache before training.", choices=["none", "checksums", "full"])
+    verify: str = option(
+        "checksums",
+        "Check the cache and the student's alignment store before training (the loader checks each shard's "
+        "content as it reads it, whatever this says).",
+        choices=["none", "checksums", "full"],
+    )
     log_every: int = option(1, "Write metrics every N steps.")
     prefetch: int = option(4, "Batches collated ahead on a background thread.")
     threads: int | None = option(None, "Torch intra-op threads (default: torch's; 1 is steadier on busy shared CPUs).")

@@ -257,6 +257,11 @@ def test_resume_of_a_finished_run_says_so_and_leaves_its_summary(setup, tmp_path
     assert "nan" not in r.output
     assert (out / "summary.json").read_bytes() == summary  # left alone
     assert (out / "metrics.jsonl").read_bytes() == metrics_before
+    # killed between the final checkpoint and the summary: the resume writes it from the checkpoint's totals
+    (out / "summary.json").unlink()
+    assert _cli_train(setup, out, "--max-steps", "2", "--resume").exit_code == 0
+    rebuilt = json.loads((out / "summary.json").read_text())
+    assert rebuilt["tokens"] == json.loads(summary)["tokens"] and rebuilt["steps"] == 2
 
 
 def test_a_resumed_run_summary_covers_the_whole_run(setup, tmp_path):
