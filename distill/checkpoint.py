@@ -6,7 +6,9 @@ Layout of ``--out``::
     inputs.json                 the identity of the data it trains on (cache + alignment store), see below
     metrics.jsonl               one line per logged step (a resumed run rewrites the lines past its checkpoint)
     checkpoints/step-NNNNNNN/   student/ (save_pretrained + tokenizer), trainer.pt (step, optimizer, scheduler,
-                                every rank's stream position), rng-rank{R}.pt (each rank's RNG states)
+                                every rank's stream position, the run's token and second totals so far),
+                                rng-rank{R}.pt (each rank's RNG states)
+    summary.json                the finished run's summary (whole-run steps, tokens, seconds)
 
 A checkpoint is written into ``.tmp-step-N`` and renamed when complete, so ``latest_checkpoint`` never sees a
 half-written one. ``--resume`` refuses a config that changes the run (``RESUME_FIELDS``) and data that differs
@@ -22,7 +24,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +158,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
+    ckpts = sorted((out / "checkpoints").glob("step-*"), key=checkpoint_step)
     complete = [p for p in ckpts if (p / "trainer.pt").exists()]
     return complete[-1] if complete else None
 
@@ -171,9 +173,11 @@ def save_checkpoint(
     scheduler: Any,
     stream_state: dict[str, int],
     keep: int,
+    totals: dict[str, float] | None = None,
 ) -> Path:
     """Rank 0 writes the checkpoint into a temporary folder and renames it; every rank adds its RNG state and
-    stream position first (a collective: every rank calls it at the same step)."""
+    stream position first (a collective: every rank calls it at the same step). ``totals``: the whole run's
+    ``tokens`` (all ranks) and ``seconds`` up to this step, so a resumed run's summary covers the whole run."""
     states = ctx.all_gather(stream_state)
     final = out / "checkpoints" / f"step-{step:07d}"
     staging = out / "checkpoints" / f".tmp-step-{step:07d}"
@@ -187,7 +191,13 @@ def save_checkpoint(
         (model.module if hasattr(model, "module") else model).save_pretrained(staging / "student")
         tokenizer.save_pretrained(staging / "student")
         torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "streams": states},
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "streams": states,
+                "totals": totals or {},
+            },
             staging / "trainer.pt",
         )
         shutil.rmtree(final, ignore_errors=True)
@@ -206,6 +216,13 @@ class Resumed:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     stream: dict[str, int]
+    #: the run's ``tokens``/``seconds`` up to the checkpoint; empty for checkpoints written before they were kept
+    totals: dict[str, float] = field(default_factory=dict)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder (``step-NNNNNNN``) was saved after."""
+    return int(path.name.removeprefix("step-"))
 
 
 def load_checkpoint(ctx: RunContext, path: Path) -> Resumed:
@@ -214,4 +231,6 @@ def load_checkpoint(ctx: RunContext, path: Path) -> Resumed:
     if len(state["streams"]) != ctx.world:
         raise ConfigError(f"--resume: the checkpoint has {len(state['streams'])} ranks, this run has {ctx.world}")
     set_rng_state(torch.load(path / f"rng-rank{ctx.rank}.pt", weights_only=False))
-    return Resumed(state["step"], state["optimizer"], state["scheduler"], state["streams"][ctx.rank])
+    return Resumed(
+        state["step"], state["optimizer"], state["scheduler"], state["streams"][ctx.rank], state.get("totals", {})
+    )

@@ -15,8 +15,10 @@
 ``(epoch, offset)``. A training stream reads the rank's next shard on a background thread while it yields the
 current one (at most two shards in memory; ``read_ahead=False``: one), so a shard boundary does not stall the
 loader; the order, the errors (raised when their shard is reached) and ``state()`` are those of a plain sequential
-read. ``Prefetcher`` collates batches (``distill.batch.collate``) on a background thread (the readers decompress
-with the GIL released), so a step finds its next batch ready.
+read. Every shard is checked as it is read (``distill.integrity``: ids in range, logprobs not NaN, <= 0 and
+sorted, row counts and alignment indices consistent), so a damaged cache stops the run with one line instead of
+training on bad rows. ``Prefetcher`` collates batches (``distill.batch.collate``) on a background thread (the
+readers decompress with the GIL released), so a step finds its next batch ready.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from logitcache.storage import LogitCache, SequenceRecord
 from logitcache.storage.alignment_store import AlignmentRecord, AlignmentStore
 
 from .batch import CollatedBatch, Example, collate
+from .integrity import StudentLimits, read_checked_shard
 from .sampling import assign_shards, check_world, is_heldout, shard_permutation, skip
 
 __all__ = ["CollatedBatch", "Example", "ExampleStream", "Prefetcher", "collate", "make_example"]
@@ -115,12 +118,14 @@ class ExampleStream:
         epoch: int = 0,
         offset: int = 0,
         read_ahead: bool = True,
+        limits: StudentLimits | None = None,
     ) -> None:
         self.cache, self.store = cache, store
         self.rank, self.world, self.seed = rank, world_size, seed
         self.split, self.heldout, self.max_length, self.eos_id = split, heldout_fraction, max_length, eos_id
         self.epoch, self.offset = epoch, offset  # the position of the next example
         self.read_ahead = read_ahead
+        self.limits = limits or StudentLimits()
         self.sizes = [s.sequences for s in cache.shards]
         self.indices = [s.index for s in cache.shards]
         self.skipped_overlong = 0
@@ -130,11 +135,8 @@ class ExampleStream:
         return {"epoch": self.epoch, "offset": self.offset, "rank": self.rank, "world_size": self.world}
 
     def _shard(self, k: int) -> _Shard:
-        index = self.indices[k]
         with _read_lock(self.cache):
-            records = list(self.cache.iter_shard(index))
-            aligned = {a.sample_id: a for a in self.store.iter_shard(index)}
-        return records, aligned
+            return read_checked_shard(self.cache, self.store, self.indices[k], self.limits)
 
     def _keep(self, sample_id: int) -> bool:
         return is_heldout(sample_id, self.heldout, self.seed) == (self.split == "eval")

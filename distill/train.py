@@ -35,6 +35,7 @@ from .batch import CollatedBatch, Example, student_forward
 from .checkpoint import (
     Resumed,
     check_resume,
+    checkpoint_step,
     data_identity,
     latest_checkpoint,
     load_checkpoint,
@@ -45,6 +46,7 @@ from .checkpoint import (
 )
 from .context import RunContext
 from .data import ExampleStream, Prefetcher
+from .integrity import StudentLimits
 from .losses import CombinedLoss, parse_loss_spec
 from .train_config import TrainConfig
 
@@ -66,6 +68,7 @@ class TrainData:
     same_vocab: bool  # teacher and student share one vocabulary
     pad_id: int
     eos_id: int | None
+    student_vocab: int | None = None  # the student model's vocabulary (set once it is loaded)
 
     @property
     def temperatures(self) -> list[float]:
@@ -88,23 +91,22 @@ class TrainData:
             eos_id=self.eos_id,
             epoch=state.get("epoch", 0),
             offset=state.get("offset", 0),
+            limits=StudentLimits(self.student_vocab, self.same_vocab and _indexes_by_teacher_ids(cfg.loss)),
         )
+
+
+def _indexes_by_teacher_ids(loss: str) -> bool:
+    """Whether a loss of ``--loss`` reads the student's logits at the teacher's ids (kl, rkl)."""
+    return any(name in ("kl", "rkl") for name, _ in parse_loss_spec(loss))
 
 
 def open_inputs(cfg: TrainConfig, tokenizer: Any) -> TrainData:
     """The cache (verified), the student's alignment store, and whether teacher and student share a vocabulary."""
     from logitcache.models import pad_token_id
-    from logitcache.storage import verify_cache
+    from logitcache.storage import verify_cache, verify_store
     from logitcache.tokenization import tokenizer_fingerprint
 
     cache = LogitCache.open(cfg.cache)
-    if cfg.verify != "none":
-        problems = verify_cache(cfg.cache, level=cfg.verify)
-        if problems:
-            raise ConfigError(
-                f"--cache {cfg.cache} fails verify ({len(problems)} problems; first: {problems[0]}); "
-                "run `logitcache verify` for all of them"
-            )
     fingerprint = tokenizer_fingerprint(tokenizer)
     key = store_key(fingerprint)
     if key not in list_stores(cache):
@@ -113,6 +115,14 @@ def open_inputs(cfg: TrainConfig, tokenizer: Any) -> TrainData:
             f"--cache {cfg.cache} has no alignment store for the student's tokenizer ({key}; stores: "
             f"{others}); run `logitcache align {cfg.cache} --student-tokenizer {cfg.student}` first"
         )
+    if cfg.verify != "none":  # the cache and the student's own store: another student's unfinished store is no fault
+        problems = verify_cache(cfg.cache, level=cfg.verify, stores=False)
+        problems += verify_store(cache, key, cfg.verify)
+        if problems:
+            raise ConfigError(
+                f"--cache {cfg.cache} fails verify ({len(problems)} problems; first: {problems[0]}); "
+                f"run `logitcache verify {cfg.cache} --level {cfg.verify}` for all of them"
+            )
     store = AlignmentStore.open(cache, key)
     if store.header["student"]["tokenizer_fingerprint"] != fingerprint:
         raise ConfigError(
@@ -233,12 +243,23 @@ class _Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.step_no, self.stream_state = 0, {"epoch": 0, "offset": 0}
         self.samples: list[int] = []
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # this rank's student completion tokens in this segment (since start or resume)
+        self.t0 = time.perf_counter()  # the segment's start
+        self.before: dict[str, float] = {}  # the run's totals up to the checkpoint resumed from
 
     def resume(self, state: Resumed) -> None:
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.step_no, self.stream_state = state.step, state.stream
+        self.before = dict(state.totals)
+
+    def totals(self) -> dict[str, float]:
+        """The whole run's student completion tokens (all ranks) and seconds so far (a collective)."""
+        tokens = self.ctx.all_sum([float(self.tokens_seen)])[0]
+        return {
+            "tokens": self.before.get("tokens", 0.0) + tokens,
+            "seconds": self.before.get("seconds", 0.0) + time.perf_counter() - self.t0,
+        }
 
     def step(self, loader: Prefetcher) -> dict[str, float]:
         cfg, logs, step_tokens = self.cfg, {}, 0
@@ -282,9 +303,10 @@ class _Trainer:
             self.scheduler,
             self.stream_state,
             self.cfg.keep_checkpoints,
+            self.totals(),
         )
 
-    def run(self, loader: Prefetcher, out: Path, tokenizer: Any, t0: float) -> dict[str, float]:
+    def run(self, loader: Prefetcher, out: Path, tokenizer: Any) -> dict[str, float]:
         """Step until ``--max-steps``: log, evaluate and checkpoint on schedule; returns the last step's logs."""
         cfg, ctx = self.cfg, self.ctx
         metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None  # noqa: SIM115
@@ -301,7 +323,8 @@ class _Trainer:
             while self.step_no < cfg.max_steps:
                 logs = self.step(loader)
                 step = self.step_no
-                logs["tokens_per_s"] = self.tokens_seen * ctx.world / max(time.perf_counter() - t0, 1e-9)
+                # student completion tokens (the loss-span targets) per second, this segment, all ranks
+                logs["tokens_per_s"] = self.tokens_seen * ctx.world / max(time.perf_counter() - self.t0, 1e-9)
                 if cfg.eval_every and step % cfg.eval_every == 0 and cfg.eval_fraction > 0:
                     logs.update(heldout_metrics(ctx, cfg, self.ddp, self.data, self.loss))
                 if metrics_file is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
@@ -325,7 +348,38 @@ def _postfix(logs: dict[str, float]) -> dict[str, str]:
         for k, v in logs.items()
         if k == "loss" or (k.count("/") == 1 and k.startswith("loss/"))
     }
-    return losses | {"tok/s": f"{logs['tokens_per_s']:.0f}"}
+    return losses | {"student tok/s": f"{logs['tokens_per_s']:.0f}"}
+
+
+def _vocab_rows(model: Any) -> int:
+    """How many ids the student can take as input and score (its embedding and output rows)."""
+    rows = [int(model.get_input_embeddings().weight.shape[0])]
+    head = model.get_output_embeddings()
+    if head is not None:
+        rows.append(int(head.weight.shape[0]))
+    return min(rows)
+
+
+def _finished_summary(ctx: RunContext, out: Path, checkpoint: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """``--resume`` of a run that already reached ``--max-steps``: its summary, untouched (rebuilt from the final
+    checkpoint's totals if a kill came between that checkpoint and the summary)."""
+    path = out / "summary.json"
+    if path.exists():
+        summary = json.loads(path.read_text())
+    else:
+        totals = torch.load(checkpoint / "trainer.pt", weights_only=False).get("totals", {})
+        summary = {
+            "steps": checkpoint_step(checkpoint),
+            "seconds": totals.get("seconds", 0.0),
+            "tokens": int(totals.get("tokens", 0)),
+            "last": {},
+            "eval": {},
+            "checkpoint": str(checkpoint),
+            "totals_complete": bool(totals),
+        }
+        if ctx.is_main:
+            path.write_text(json.dumps(summary, indent=2) + "\n")
+    return {**summary, "already_finished": True, "max_steps": cfg.max_steps}
 
 
 def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> dict[str, Any]:
@@ -343,10 +397,13 @@ def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> 
     data = open_inputs(cfg, tokenizer)
     identity = data_identity(data.cache, data.store)
     resume_from = _prepare_out(cfg, ctx, identity)
+    if resume_from is not None and checkpoint_step(resume_from) >= cfg.max_steps:
+        return _finished_summary(ctx, out, resume_from, cfg)
     seed_all(cfg.seed + ctx.rank)
     student = str(resume_from / "student") if resume_from else cfg.student
     model = load_model(student, dtype="float32", device=ctx.device)
     model.train()
+    data.student_vocab = _vocab_rows(model)
     teacher = None
     if cfg.teacher and teacher_scorer is not None:
         # the teacher runs in the student's compute dtype (bf16 on GPU), as an online setup would
@@ -360,9 +417,9 @@ def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> 
         truncate_metrics(out / "metrics.jsonl", trainer.step_no)
     stream = data.stream(cfg, ctx, "train", trainer.stream_state)
     loader = Prefetcher(stream, cfg.batch_size, data.pad_id, cfg.prefetch, keep_examples=trainer.teacher is not None)
-    t0 = time.perf_counter()
+    trainer.t0 = time.perf_counter()
     try:
-        last = trainer.run(loader, out, tokenizer, t0)
+        last = trainer.run(loader, out, tokenizer)
     finally:
         loader.close()
     step = trainer.step_no
@@ -371,15 +428,18 @@ def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> 
         final_eval = heldout_metrics(ctx, cfg, trainer.ddp, data, trainer.loss)
     with open(out / f"samples-rank{ctx.rank}.txt", "a") as f:
         f.write("".join(f"{s}\n" for s in trainer.samples))
+    totals = trainer.totals()  # the whole run's, resumed segments included
     summary = {
         "steps": step,
-        "seconds": time.perf_counter() - t0,
-        "tokens": trainer.tokens_seen * ctx.world,
+        "seconds": totals["seconds"],
+        "tokens": int(totals["tokens"]),
         "last": last,
         "eval": final_eval or {k: v for k, v in last.items() if k.startswith("eval/")},
         "checkpoint": str(latest_checkpoint(out)),
         "skipped_overlong": stream.skipped_overlong,
         "teacher_loaded": trainer.teacher is not None,
+        # a run resumed from a checkpoint written before totals were kept counts only what came after it
+        "totals_complete": resume_from is None or bool(trainer.before),
     }
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

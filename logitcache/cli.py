@@ -168,9 +168,15 @@ def train(config_file: str | None, **flags: Any) -> None:
     if cfg.teacher:  # online mode: the one path that scores with a teacher (distill never imports pipeline)
         from logitcache.pipeline.backend_hf import score_rows as scorer
     s = run_train(cfg, teacher_scorer=scorer)
+    if s.get("already_finished"):
+        click.echo(
+            f"train: the run in {cfg.out} already finished ({s['steps']} steps, --max-steps {s['max_steps']}); "
+            f"nothing to do, summary.json left as it was; raise --max-steps to train further"
+        )
+        return
     ev = s["eval"]
     click.echo(
-        f"train: {s['steps']} steps, {s['tokens']} student tokens in {s['seconds']:.1f}s; last loss "
+        f"train: {s['steps']} steps, {s['tokens']} student completion tokens in {s['seconds']:.1f}s; last loss "
         f"{s['last'].get('loss', float('nan')):.4f}"
         + (f"; eval ce {ev['eval/ce']:.4f} ppl {ev['eval/ppl']:.2f}" if ev else "")
         + f"; checkpoint {s['checkpoint']}"

@@ -102,6 +102,20 @@ def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
     return decorate
 
 
+def _parse_problem(e: Exception) -> str:
+    """One line for a JSON, TOML or YAML parse error: where (line, column; 1-based) and what."""
+    mark = getattr(e, "problem_mark", None)  # yaml.MarkedYAMLError
+    if mark is not None:
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        where = f" at line {cmark.line + 1}, column {cmark.column + 1}" if cmark is not None else ""
+        what = f"{problem} ({' '.join(context.split())}{where})" if context else problem
+        return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+    if isinstance(e, json.JSONDecodeError):
+        return f"line {e.lineno}, column {e.colno}: {e.msg}"
+    return " ".join(f"{type(e).__name__}: {e}".split())  # tomllib's message names line and column itself
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise ConfigError(f"--config {path}: no such file")
@@ -119,7 +133,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         else:
             data = json.loads(raw)
     except Exception as e:
-        raise ConfigError(f"--config {path}: cannot parse ({type(e).__name__}: {e})") from e
+        raise ConfigError(f"--config {path}: cannot parse: {_parse_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}

@@ -208,14 +208,14 @@ def test_a_reader_error_on_the_background_thread_surfaces_in_the_consumer(train_
     cache, store = open_data(train_setup)
     order = assign_shards([s.sequences for s in cache.shards], 1, 0, 0)[0]
     bad = order[1]  # the second shard the stream reads (by read-ahead, while the first is yielded)
-    read = cache.iter_shard
+    read = cache.sequence_table  # the loader's first read of a shard
 
     def failing(index: int, *a, **kw):
         if index == bad:
             raise ShardReadError(f"boom in shard {index}")
         return read(index, *a, **kw)
 
-    cache.iter_shard = failing  # type: ignore[method-assign]
+    cache.sequence_table = failing  # type: ignore[method-assign]
     first = cache.shards[[s.index for s in cache.shards].index(order[0])].sequences
     loader = Prefetcher(ExampleStream(cache, store), batch_size=first, pad_id=0, depth=4)
     try:
@@ -255,3 +255,33 @@ def test_student_forward_gathers_each_row_at_its_input_position(train_setup):
     assert db.teacher_topk_ids.dtype == torch.long and batch.teacher_topk_ids.dtype == torch.int32
     with pytest.raises(ValueError, match="logits must be"):
         distill_batch(batch, full, same_vocab=False)  # every position: not what logits_to_keep asked for
+
+
+# ---- the loader's content checks (distill.integrity) --------------------------------------------------------
+
+
+def test_row_checks_accept_minus_inf_and_refuse_nan_lse(train_setup):
+    """-inf is a valid logprob (an absent entry, a masked token); NaN anywhere, including a recorded lse, is not."""
+    from logitcache.distill.integrity import StudentLimits, _check_rows
+    from logitcache.storage import CorruptCacheError
+
+    cache, _ = open_data(train_setup)
+    k = cache.top_k
+    lps = np.tile(np.linspace(-1.0, -5.0, k, dtype=np.float32), (3, 1))
+    lps[1, k // 2 :] = -np.inf  # a row whose tail is absent
+    rows = PositionRows(
+        topk_ids=np.tile(np.arange(k, dtype=np.int32), (3, 1)),
+        topk_logprobs=lps,
+        target_ids=np.array([1, 2, 3], np.int32),
+        target_logprobs=np.array([-0.5, -np.inf, 0.0], np.float32),
+        extra_lse={2.0: np.array([1.0, 2.0, 3.0], np.float32)},
+    )
+    starts, sids = np.array([0, 2]), np.array([70, 71])
+    _check_rows(cache, rows, 0, starts, sids, "shard-000009", StudentLimits())  # sound: no error
+    rows.extra_lse[2.0][2] = np.nan
+    with pytest.raises(CorruptCacheError, match=r"shard-000009: sample 71: lse@2 NaN \(row 0 of the sequence\)"):
+        _check_rows(cache, rows, 0, starts, sids, "shard-000009", StudentLimits())
+    rows.extra_lse[2.0][2] = 3.0
+    with pytest.raises(CorruptCacheError, match=r"sample 70: topk_ids value 7 outside the student's vocabulary"):
+        _check_rows(cache, rows, 0, starts, sids, "shard-000009", StudentLimits(vocab=7, same_vocab=True))
+    _check_rows(cache, rows, 0, starts, sids, "shard-000009", StudentLimits(vocab=7))  # other vocabularies: no bound

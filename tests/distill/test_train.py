@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -53,43 +52,49 @@ def test_loss_falls_over_30_steps(setup, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step-0000030" / "student" / "config.json").exists()
 
 
+#: the CLI's `train` in a child that, once the step-4 checkpoint is complete, says so and waits to be killed
+KILL_SCRIPT = """
+import sys
+from logitcache.distill import train as train_mod
+original = train_mod.save_checkpoint
+def save_checkpoint(ctx, out, step, *a, **k):
+    path = original(ctx, out, step, *a, **k)
+    if step == 4:
+        print("parked", path, flush=True)  # the checkpoint is renamed into place: wait for the SIGKILL
+        sys.stdin.readline()
+    return path
+train_mod.save_checkpoint = save_checkpoint
+from logitcache.cli import main
+main(sys.argv[1:])
+"""
+
+
 def test_killed_then_resumed_run_matches_an_uninterrupted_one(setup, tmp_path):
     run_train(cfg(setup, tmp_path / "a", max_steps=8, save_every=4, schedule="cosine", loss="ce:1,uld:0.5"))
-    args = [
-        sys.executable,
-        "-m",
-        "logitcache.cli",
-        "train",
-        "--cache",
-        str(setup["cache"]),
-        "--student",
-        str(setup["student"]),
-        "--out",
-        str(tmp_path / "b"),
-        "--batch-size",
-        "4",
-        "--lr",
-        "0.003",
-        "--warmup-steps",
-        "2",
-        "--max-steps",
-        "8",
-        "--eval-fraction",
-        "0",
-        "--save-every",
-        "4",
-        "--loss",
-        "ce:1,uld:0.5",
-    ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = tmp_path / "b" / "checkpoints" / "step-0000004" / "trainer.pt"
-    deadline = time.time() + 300
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists()
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-0000008", ignore_errors=True)  # in case it got there
+    args = ["train", "--cache", str(setup["cache"]), "--student", str(setup["student"]), "--out", str(tmp_path / "b")]
+    args += ["--batch-size", "4", "--lr", "0.003", "--warmup-steps", "2", "--max-steps", "8", "--eval-fraction", "0"]
+    args += ["--save-every", "4", "--loss", "ce:1,uld:0.5"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("parked "), f"train ended before its step-4 checkpoint: {line!r}"
+        # precondition: the kill lands mid-run, after a complete step-4 checkpoint and before any later one
+        parked = Path(line.split(maxsplit=1)[1].strip())
+        assert parked.name == "step-0000004" and (parked / "trainer.pt").exists()
+        assert sorted(p.name for p in parked.parent.iterdir()) == ["step-0000004"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "b" / "summary.json").exists()
     run_train(cfg(setup, tmp_path / "b", max_steps=8, save_every=4, loss="ce:1,uld:0.5", resume=True))
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert [x["step"] for x in b] == list(range(1, 9))
@@ -226,3 +231,65 @@ def test_distill_imports_no_pipeline_module():
             else:
                 continue
             assert not [n for n in names if "pipeline" in n.split(".")], (f.name, names)
+
+
+def _cli_train(setup, out, *extra):
+    from click.testing import CliRunner
+
+    from logitcache.cli import main
+
+    args = ["train", "--cache", str(setup["cache"]), "--student", str(setup["student"]), "--out", str(out)]
+    args += ["--batch-size", "4", "--eval-fraction", "0", "--loss", "ce:1,uld:0.5", *map(str, extra)]
+    return CliRunner().invoke(main, args)
+
+
+def test_resume_of_a_finished_run_says_so_and_leaves_its_summary(setup, tmp_path):
+    out = tmp_path / "run"
+    r = _cli_train(setup, out, "--max-steps", "2")
+    assert r.exit_code == 0, r.output
+    summary = (out / "summary.json").read_bytes()
+    assert json.loads(summary)["tokens"] > 0 and "student completion tokens" in r.output
+    metrics_before = (out / "metrics.jsonl").read_bytes()
+    r = _cli_train(setup, out, "--max-steps", "2", "--resume")
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("train:")]
+    assert len(lines) == 1 and "already finished (2 steps, --max-steps 2)" in lines[0], r.output
+    assert "nan" not in r.output
+    assert (out / "summary.json").read_bytes() == summary  # left alone
+    assert (out / "metrics.jsonl").read_bytes() == metrics_before
+    # killed between the final checkpoint and the summary: the resume writes it from the checkpoint's totals
+    (out / "summary.json").unlink()
+    assert _cli_train(setup, out, "--max-steps", "2", "--resume").exit_code == 0
+    rebuilt = json.loads((out / "summary.json").read_text())
+    assert rebuilt["tokens"] == json.loads(summary)["tokens"] and rebuilt["steps"] == 2
+
+
+def test_a_resumed_run_summary_covers_the_whole_run(setup, tmp_path):
+    whole = run_train(cfg(setup, tmp_path / "whole", max_steps=4, loss="ce:1,uld:0.5"))
+    first = run_train(cfg(setup, tmp_path / "split", max_steps=2, loss="ce:1,uld:0.5"))
+    resumed = run_train(cfg(setup, tmp_path / "split", max_steps=4, loss="ce:1,uld:0.5", resume=True))
+    assert 0 < first["tokens"] < resumed["tokens"] == whole["tokens"]  # the same stream, counted over both segments
+    assert resumed["steps"] == 4 and resumed["seconds"] > first["seconds"]
+    assert resumed["totals_complete"]
+    assert json.loads((tmp_path / "split" / "summary.json").read_text())["tokens"] == whole["tokens"]
+
+
+def test_a_checkpoint_without_totals_still_resumes(setup, tmp_path):
+    """Checkpoints written before totals were kept load; the summary then counts the resumed segment, and says so."""
+    import torch
+
+    first = run_train(cfg(setup, tmp_path / "old", max_steps=2, loss="ce:1,uld:0.5"))
+    trainer_pt = tmp_path / "old" / "checkpoints" / "step-0000002" / "trainer.pt"
+    state = torch.load(trainer_pt, weights_only=False)
+    assert state.pop("totals")["tokens"] == first["tokens"]  # precondition: a new checkpoint records them
+    torch.save(state, trainer_pt)
+    resumed = run_train(cfg(setup, tmp_path / "old", max_steps=3, loss="ce:1,uld:0.5", resume=True))
+    assert resumed["steps"] == 3 and not resumed["totals_complete"]
+    assert 0 < resumed["tokens"] < first["tokens"]  # one step's tokens, not the run's
+
+
+def test_progress_bar_names_student_tokens():
+    from logitcache.distill.train import _postfix
+
+    post = _postfix({"loss": 1.0, "loss/ce": 1.0, "tokens_per_s": 12.0})
+    assert post["student tok/s"] == "12" and "tok/s" not in post

@@ -132,3 +132,77 @@ def test_cache_that_fails_verify(setup, tmp_path):
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     one_line_error(train(setup, tmp_path / "run", cache=cache), "fails verify", "checksum mismatch")
+
+
+def test_out_url_is_refused(setup, tmp_path, monkeypatch):
+    """An object-store --out would have been written to a local folder named `s3:`; it is refused instead."""
+    monkeypatch.chdir(tmp_path)
+    r = train(setup, "s3://bucket/x")
+    one_line_error(r, "--out s3://bucket/x", "not a URL", "then upload it")
+    assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket/x, nothing at all
+    from logitcache.config import ConfigError
+    from logitcache.distill.train_config import TrainConfig
+
+    for url in ("gs://b/run", "file:///tmp/run", "memory://run"):
+        with pytest.raises(ConfigError, match="--out"):
+            TrainConfig(cache="c", student="s", out=url)
+    TrainConfig(cache="c", student="s", out="runs/s3-like:name")  # a colon in a folder name is no URL
+
+
+def test_another_students_unfinished_store_does_not_block_training(setup, tmp_path):
+    """The pre-check verifies the cache and this student's store, not an `align` still running for another."""
+    from logitcache.storage import verify_cache
+
+    cache = tmp_path / "cache"
+    shutil.copytree(setup["cache"], cache)
+    (store,) = (cache / "alignments").iterdir()
+    other = cache / "alignments" / "0123456789abcdef"
+    shutil.copytree(store, other)
+    (other / "manifest.json").unlink()  # as an align killed (or still running) for another student leaves it
+    assert verify_cache(cache, level="checksums")  # precondition: the whole-cache verify names it
+    r = train(setup, tmp_path / "run", cache=cache)
+    assert r.exit_code == 0, r.output
+    # ... while a fault in this student's own store still stops it
+    victim = next((store / "shards" / "shard-000000").glob("*.parquet"))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    one_line_error(train(setup, tmp_path / "run2", cache=cache), "fails verify", store.name, "checksum mismatch")
+
+
+def test_kl_with_teacher_ids_beyond_the_students_vocabulary(tmp_path):
+    """A same-tokenizer student with fewer logits than the teacher (a padded teacher vocabulary): `kl` would index
+    its logits with teacher ids past their end; one line instead of a traceback from inside the loss."""
+    from gen_helpers import ascii_teacher, write_prompts
+    from transformers import AutoTokenizer
+
+    from logitcache.pipeline.align_stage import AlignConfig, run_align
+    from logitcache.pipeline.generate_stage import GenerateConfig, run_generate
+    from logitcache.storage import LogitCache
+
+    student = ascii_teacher(tmp_path / "student")
+    tok = AutoTokenizer.from_pretrained(student)
+    teacher = tmp_path / "teacher"
+    tiny_llama(tok, extra_vocab=300, seed=3).save_pretrained(teacher)  # same tokenizer, 300 padded logits more
+    tok.save_pretrained(teacher)
+    cache = tmp_path / "cache"
+    data = write_prompts(tmp_path / "p.jsonl", 4)
+    run_generate(GenerateConfig(model=str(teacher), data=str(data), out=str(cache), mode="score", top_k=8))
+    run_align(AlignConfig(cache=str(cache), student_tokenizer=str(student), workers=1))
+    c = LogitCache.open(cache)
+    ids = [r.rows.topk_ids for r in c.iter_sequences()]
+    assert max(int(i.max()) for i in ids) >= len(tok)  # precondition: the teacher ranks padded ids in its top-k
+    r = CliRunner().invoke(
+        main,
+        ["train", "--cache", str(cache), "--student", str(student), "--out", str(tmp_path / "run"), "--max-steps",
+         "1", "--batch-size", "4", "--eval-fraction", "0", "--loss", "ce:1,kl:0.5"],
+    )  # fmt: skip
+    one_line_error(r, "topk_ids value", f"outside the student's vocabulary [0, {len(tok)})", "--loss kl")
+
+
+def test_invalid_yaml_config(setup, tmp_path):
+    bad = tmp_path / "train.yaml"
+    bad.write_text(f"cache: {setup['cache']}\nmax_steps: [3\n")
+    r = CliRunner().invoke(main, ["train", "--config", str(bad)])
+    one_line_error(r, f"--config {bad}", "line 3, column 1")
+    assert len(r.output.strip().splitlines()) == 1, r.output

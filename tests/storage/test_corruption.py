@@ -308,3 +308,113 @@ def test_align_rerun_rewrites_a_damaged_store_shard(fresh: Path) -> None:
     _flip(_store(fresh) / "shards/shard-000003/alignment.parquet")
     assert writer.complete_shards() == [0, 1, 2, 4, 5]
     assert writer.complete_shards(check=False) == [0, 1, 2, 3, 4, 5]
+
+
+# ---- the train column: `logitcache train` refuses, with one line, every mutation that could hurt it -------------
+
+#: mutations training cannot be hurt by, with the reason; `train` may still refuse them (verify's pre-check does)
+HARMLESS_TO_TRAINING = {
+    "byte offsets decrease (resealed)": "teacher byte offsets feed only `align`; training reads the store built before",
+    "student offsets decrease (resealed)": "student byte offsets feed only verify; no loss or loader reads them",
+    "vocab_map id out of range (resealed)": "no loss reads the vocabulary map",
+    "tokenizer file changed": "train never loads the teacher's tokenizer copy",
+    "store tokenizer file changed": "train loads --student's tokenizer, not the store's copy",
+}
+#: raw byte and metadata faults: the checksums pre-check is their guard; at --verify none the user opted out
+RAW = {
+    "cache shard byte",
+    "cache position byte",
+    "store shard byte",
+    "vocab_map byte",
+    "manifest vocab_size",
+    "manifest checksum typo",
+    "store manifest checksum typo",
+    "store manifest header",
+    "store.json edited",
+    "corrupt cache.json",
+    "cache.json edited",
+    "tokenizer file changed",
+    "store tokenizer file changed",
+}
+
+
+#: resealed cache shards: `train` sees them with their alignment store rebound to the new content (`_rebind_store`)
+RESEALED_CACHE = {
+    "positive logprob (resealed)",
+    "NaN logprob (resealed)",
+    "NaN target logprob (resealed)",
+    "unsorted row (resealed)",
+    "top-k id >= vocab (resealed)",
+    "target id >= vocab (resealed)",
+    "token id >= vocab (resealed)",
+    "prompt_len off by one (resealed)",
+    "byte offsets decrease (resealed)",
+}
+
+
+def _rebind_store(cache: Path) -> None:
+    """What `align` run after the buggy writer leaves: the store's records, bound (and sealed) to the cache's new
+    content, so neither its identity check nor any checksum stands between the doctored rows and `train`."""
+    store = _store(cache)
+    header = {k: v for k, v in json.loads((store / "store.json").read_text())["header"].items() if k != "cache"}
+    vocab_map = json.loads((store / "manifest.json").read_text()).get("vocab_map")
+    (store / "store.json").unlink()
+    AlignmentWriter(LogitCache.open(cache), _key(cache), header).finalize({"vocab_map": vocab_map})
+    assert verify_cache(cache, level="checksums") == []  # precondition: every checksum and identity is sound
+
+
+def _train(cache: Path, out: Path, verify: str, *extra: str) -> object:
+    from click.testing import CliRunner
+
+    from logitcache.cli import main
+
+    args = ["train", "--cache", str(cache), "--student", str(_STUDENT[0]), "--out", str(out), "--verify", verify]
+    # batch 8 x 3 steps reads the whole epoch (24 sequences, 6 shards); aligned pairing and alm use pairs and chunks
+    args += ["--max-steps", "3", "--batch-size", "8", "--eval-fraction", "0", "--save-every", "1000"]
+    args += ["--loss", "ce:1,mlot:0.15,alm:0.1", "--pairing", "aligned", *extra]
+    return CliRunner().invoke(main, args)
+
+
+_STUDENT: list[Path] = []
+
+
+def _outcome(result: object) -> str:
+    """``refused`` (exit 2, one ``error:`` line, no traceback), ``trained`` (exit 0) or ``crashed``."""
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]  # type: ignore[attr-defined]
+    if result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output:  # type: ignore[attr-defined]
+        return "refused"
+    return "trained" if result.exit_code == 0 else "crashed"  # type: ignore[attr-defined]
+
+
+def test_train_refuses_every_mutation_it_could_be_hurt_by(
+    train_setup: dict[str, Path], fresh: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every mutation through `logitcache train` at --verify checksums (the default) and, for resealed ones (fresh
+    checksums: only the loader's content checks stand between them and the run), at --verify none."""
+    _STUDENT[:] = [train_setup["student"]]
+    assert _outcome(_train(fresh, tmp_path / "sound", "checksums")) == "trained"  # precondition: the sound copy trains
+    outcomes: dict[str, dict[str, str]] = {}
+    for name, (mutate, _) in sorted(MUTATIONS.items()):
+        copy = tmp_path / name.replace(" ", "_")
+        shutil.copytree(fresh, copy)
+        mutate(copy)
+        if name in RESEALED_CACHE:
+            _rebind_store(copy)
+        levels = ["checksums"] if name in RAW else ["checksums", "none"]
+        outcomes[name] = {}
+        for level in levels:
+            r = _train(copy, tmp_path / f"run-{len(outcomes)}-{level}", level)
+            outcomes[name][level] = _outcome(r)
+            assert outcomes[name][level] != "crashed", (name, level, r.output, r.exception)  # type: ignore[attr-defined]
+            if name not in RAW and outcomes[name][level] == "refused":  # the loader's line: shard, sample, fix
+                line = next(ln for ln in r.output.splitlines() if ln.startswith("error:"))  # type: ignore[attr-defined]
+                assert "shard-00000" in line and "sample " in line, line
+                assert f"logitcache verify {copy} --level full" in line, line
+    hurtful = [n for n in MUTATIONS if n not in HARMLESS_TO_TRAINING]
+    refused = [n for n in hurtful if all(o == "refused" for o in outcomes[n].values())]
+    trained_on = {n: o for n, o in outcomes.items() if "trained" in o.values()}
+    with capsys.disabled():
+        print(f"\ncorruption suite: train refused {len(refused)}/{len(hurtful)} mutations it could be hurt by "
+              f"({len(MUTATIONS)} in all); trained on: {trained_on}")
+    assert refused == hurtful, outcomes
+    assert set(trained_on) <= set(HARMLESS_TO_TRAINING), trained_on
