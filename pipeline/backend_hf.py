@@ -35,6 +35,7 @@ batch composition, seed and device reproduce the same tokens. A sequence stops a
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -148,14 +149,14 @@ def _rows_from_logits(
     lse = torch.logsumexp(logits, dim=-1)
     top_v, top_i = torch.topk(logits, k, dim=-1, sorted=True)
     target_lp = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - lse
-    extra = [torch.logsumexp(logits / t, dim=-1) for t in temps]
+    extra = [lse if t == 1.0 else torch.logsumexp(logits / t, dim=-1) for t in temps]
     return top_i, top_v - lse.unsqueeze(1), target_lp, extra
 
 
 def _temps(extra_temperatures: Iterable[float]) -> list[float]:
     temps = [float(t) for t in extra_temperatures]
-    if any(not t > 0 for t in temps):
-        raise ConfigError(f"--extra-temperatures must be > 0, got {temps}")
+    if any(not (math.isfinite(t) and t > 0) for t in temps):
+        raise ConfigError(f"--extra-temperatures must be finite and > 0, got {temps}")
     return temps
 
 
