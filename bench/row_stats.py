@@ -4,7 +4,8 @@ For one backend, one teacher and K, ``run_generate`` writes the same inputs into
 round: ``with`` = the default capture (``logsumexp(logits / tau)`` at tau = 1 and 2 per position) and ``without`` =
 ``--no-row-stats``. Rounds alternate A/B (``with`` first on even rounds, ``without`` first on odd ones) after one
 warm-up of each, so drifting machine load hits both alike; the table shows medians of the whole call's wall time
-(inputs, rendering, teacher, shard writing, manifest: what a user waits for), the positions per second, their
+(inputs, rendering, teacher, shard writing, manifest; hf: process CPU time by default, ``--clock``), the
+positions per second, their
 ratio (``without / with`` throughput: the cost factor, target <= 1.05 for hf and <= 1.15 for vLLM) and the bytes
 per position the statistics add on disk (from the caches' shard sizes, i.e. after compression).
 
@@ -53,10 +54,17 @@ def records(n: int) -> list[dict[str, str]]:
     return out
 
 
-def cache_bytes(folder: Path) -> tuple[int, int]:
-    """(bytes of the position data over all shards, positions) from the cache's manifest."""
+def cache_bytes(folder: Path) -> tuple[int, int, int]:
+    """(bytes of all shards, positions, bytes of the ``lse@*`` array data alone) from the manifest and markers.
+
+    The shard total includes each array's fixed cost (its ``zarr.json`` and shard index, ~1 KB), which dominates
+    a small test shard; the ``lse@*`` data bytes are the per-position cost a large shard converges to."""
     m = json.loads((folder / "manifest.json").read_text())
-    return sum(s["bytes"] for s in m["shards"]), int(m["stats"]["positions"])
+    lse = 0
+    for s in m["shards"]:
+        marker = json.loads((folder / "shards" / s["name"] / "_COMPLETE.json").read_text())
+        lse += sum(n for f, n in marker["files"].items() if "lse@" in f and not f.endswith("zarr.json"))
+    return sum(s["bytes"] for s in m["shards"]), int(m["stats"]["positions"]), lse
 
 
 def run(args: argparse.Namespace) -> None:
@@ -81,6 +89,11 @@ def run(args: argparse.Namespace) -> None:
         engines[key].cfg = cfg  # both engines read the mode's options and the temperatures from their cfg
         return engines[key]
 
+    # cpu: this process's CPU time (torch single-threaded: our work, not the neighbours' on a shared machine);
+    # wall: what a user waits for (vLLM's engine runs in another process, so it is always timed by the wall)
+    use_cpu = args.clock == "cpu" and args.backend == "hf"
+    clock = time.process_time if use_cpu else time.perf_counter
+    args.clock = "cpu" if use_cpu else "wall"
     generate_stage._engine = engine  # type: ignore[assignment]
     results = []
     try:
@@ -103,21 +116,22 @@ def run(args: argparse.Namespace) -> None:
                 )
 
             walls: dict[bool, list[float]] = {True: [], False: []}
-            sizes: dict[bool, tuple[int, int]] = {}
+            sizes: dict[bool, tuple[int, int, int]] = {}
             for r in range(-1, args.rounds):  # round -1: warm-up (engines loaded here), not timed
                 order = (True, False) if r % 2 == 0 else (False, True)
                 for stats in order:
                     out = root / f"{mode}-{stats}-{r}"
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     run_generate(cfg(out, stats))
-                    wall = time.perf_counter() - t0
+                    wall = clock() - t0
                     if r >= 0:
                         walls[stats].append(wall)
                     sizes[stats] = cache_bytes(out)
                     shutil.rmtree(out, ignore_errors=True)
                     print(f"  {mode} round {r} {'with' if stats else 'without'}: {wall:.2f} s", file=sys.stderr)
-            (b_with, p_with), (b_without, p_without) = sizes[True], sizes[False]
-            results.append((mode, p_with, p_without, walls, (b_with - b_without) / p_with, b_without / p_without))
+            (b_with, p_with, lse_bytes), (b_without, p_without, _) = sizes[True], sizes[False]
+            added = ((b_with - b_without) / p_with, lse_bytes / p_with)
+            results.append((mode, p_with, p_without, walls, added, b_without / p_without))
     finally:
         shutil.rmtree(root, ignore_errors=True)
         for e in engines.values():
@@ -129,15 +143,19 @@ def run(args: argparse.Namespace) -> None:
         f"\nrow statistics (lse at tau = 1, 2) vs none: {args.backend} backend, {args.model} ({args.dtype}), "
         f"K = {args.top_k}, {args.prompts} sequences, batch {args.batch_size}, generate mode <= {args.max_new_tokens} "
         f"new tokens at temperature 1; medians of {args.rounds} alternating rounds after a warm-up; load average "
-        f"{load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores, torch threads {args.threads or 'default'}\n"
+        f"{load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores, torch threads {args.threads or 'default'}, "
+        f"{args.clock} clock\n"
     )
-    print("| mode | positions | s without | s with | pos/s without | pos/s with | cost (x) | B/pos without | +B/pos |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for mode, p_with, p_without, walls, added, base in results:
+    print(
+        "| mode | positions | s without | s with | pos/s without | pos/s with | cost (x) | B/pos without | "
+        "+B/pos (shard) | lse data B/pos |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for mode, p_with, p_without, walls, (added, lse_data), base in results:
         w0, w1 = statistics.median(walls[False]), statistics.median(walls[True])
         print(
             f"| {mode} | {p_with} | {w0:.2f} | {w1:.2f} | {p_without / w0:.1f} | {p_with / w1:.1f} | "
-            f"{(p_without / w0) / (p_with / w1):.3f} | {base:.1f} | {added:.2f} |"
+            f"{(p_without / w0) / (p_with / w1):.3f} | {base:.1f} | {added:.2f} | {lse_data:.2f} |"
         )
         if p_with != p_without:
             print(f"  ({mode}: {p_with} positions with statistics, {p_without} without: different samples)")
@@ -155,6 +173,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=1, help="hf: torch intra-op threads (0: torch's default)")
+    ap.add_argument("--clock", default="cpu", choices=["cpu", "wall"], help="hf: process CPU time or wall time")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run(args)
