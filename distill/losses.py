@@ -61,6 +61,7 @@ __all__ = [
     "exact_losses",
     "gather_log_softmax",
     "kl_loss",
+    "loss_temperatures",
     "mlot_loss",
     "parse_loss_spec",
     "reduce_per_sequence",

@@ -193,7 +193,7 @@ def test_bad_top_k_is_one_line_error(backend: VllmBackend, seqs, k: int, match: 
 
 def test_other_input_errors(backend: VllmBackend, seqs) -> None:  # type: ignore[no-untyped-def]
     ids, lens = seqs
-    with pytest.raises(ValueError, match="extra temperatures"):
+    with pytest.raises(ValueError, match="--extra-temperatures must be finite and > 0"):
         backend.score(ids[:1], lens[:1], K, extra_temperatures=(0.0,))
     with pytest.raises(ValueError, match="outside"):
         backend.score([np.array([1, 2, backend.vocab_size])], [1], K)
@@ -370,7 +370,7 @@ def test_row_stats_bad_temperatures(backend: VllmBackend, seqs) -> None:  # type
         with pytest.raises(ValueError, match="must be finite and > 0") as err:
             backend.score(ids[:1], lens[:1], K, extra_temperatures=bad)
         assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="at most 8 extra temperatures"):
+    with pytest.raises(ValueError, match="--extra-temperatures: the vllm backend records at most 8"):
         backend.generate([ids[0][:4]], K, 2, extra_temperatures=[0.5 + i for i in range(9)])
 
 
