@@ -49,12 +49,14 @@ def make_batch(b: int, t: int, v: int, vt: int, k: int, seed: int = 0) -> Distil
     pairs, chunks = np.stack([ar, ar], -1), np.stack([ar, ar + 1, ar, ar + 1], -1)
     examples = []
     for i in range(b):
-        rows = PositionRows(ids[i].numpy(), lp[i].numpy(), ids[i, :, 0].numpy(), lp[i, :, 0].numpy())
+        # the row statistics a default capture records (mlot's tau_SD = 2 needs them): lse of the K + 1 logits
+        lse = {tau: torch.logsumexp(tl[i] / tau, -1).numpy() for tau in (1.0, 2.0)}
+        rows = PositionRows(ids[i].numpy(), lp[i].numpy(), ids[i, :, 0].numpy(), lp[i, :, 0].numpy(), lse)
         targets = tgt[i].numpy()
         examples.append(
             Example(i, np.concatenate([[0], targets]), 1, targets, rows, pairs, chunks, np.zeros(0, np.int64), 0)
         )
-    batch = collate(examples, pad_id=0, k=k, temperatures=[])
+    batch = collate(examples, pad_id=0, k=k, temperatures=[1.0, 2.0])
     logits = torch.randn(b, batch.logits_to_keep, v, generator=g) * 3.0  # the student forward's, position 0 on
     return distill_batch(batch, logits, same_vocab=vt <= v)
 

@@ -20,15 +20,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from logitcache.config import ConfigError
+
 from .losses_alm import ALMConfig, alm_loss
 from .losses_core import (
     NEG,
     DistillBatch,
     LossOutput,
+    MissingStatistic,
     Pairing,
     Reduction,
+    Tempered,
     finish,
     gather_rows,
+    missing_lse_message,
     reduce_per_sequence,
     teacher_logprobs_at,
     token_pairs,
@@ -47,15 +52,20 @@ __all__ = [
     "LossEntry",
     "LossOutput",
     "MLOTConfig",
+    "MissingStatistic",
     "StudentStats",
     "ULDConfig",
     "alm_loss",
     "ce_loss",
+    "check_statistics",
+    "exact_losses",
     "gather_log_softmax",
     "kl_loss",
+    "loss_temperatures",
     "mlot_loss",
     "parse_loss_spec",
     "reduce_per_sequence",
+    "required_temperatures",
     "sinkhorn_plan",
     "teacher_logprobs_at",
     "token_pairs",
@@ -105,11 +115,14 @@ class KLConfig:
     the top-K (forward; the student keeps its full softmax) or both sides within the top-K (reverse);
     ``bucket`` adds one "everything else" category to both sides (a lower bound of the full KL, exact when
     the tail is 0). ``tau``: temperature of both sides. ``eps`` floors the teacher's tail bucket in reverse KL.
+    ``tempered``: teacher rows at tau != 1 ``exact`` (needs the cache's lse at tau; refuses without) or
+    ``renormalize`` within the top-K (the explicit approximation).
     """
 
     direction: Literal["forward", "reverse"] = "forward"
     tail: Literal["ignore", "renormalize", "bucket"] = "bucket"
     tau: float = 1.0
+    tempered: Tempered = "exact"
     pairing: Pairing = "index"
     eps: float = 1e-8
     reduction: Reduction = "token"
@@ -141,7 +154,7 @@ def kl_loss(batch: DistillBatch, config: KLConfig | None = None, stats: StudentS
     stats = stats or StudentStats(batch)
     b, ts, v = batch.student_logits.shape
     ti, sj, valid = token_pairs(batch, cfg.pairing)
-    logq, tail = teacher_logprobs_at(batch, cfg.tau)
+    logq, tail = teacher_logprobs_at(batch, cfg.tau, cfg.tempered, "kl" if cfg.direction == "forward" else "rkl")
     logq, tail = gather_rows(logq, ti), gather_rows(tail, ti)  # [B, P, K], [B, P]
     ids = gather_rows(batch.teacher_topk_ids.long(), ti)
     present = torch.isfinite(logq) & valid[..., None]
@@ -244,6 +257,72 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
             raise ValueError(f"loss {name!r} appears twice in {spec!r}")
         out.append((name, weight))
     return out
+
+
+# ---- row statistics each loss needs --------------------------------------------------------------
+
+
+def _config_of(name: str, config: Any) -> Any:
+    entry = LOSSES[name]
+    if config is None:
+        return entry.make_config()
+    if isinstance(config, Mapping):
+        try:
+            return entry.make_config(**config)
+        except TypeError as e:
+            raise ConfigError(f"--loss-config: {name}: {e}") from None
+    return config
+
+
+def loss_temperatures(name: str, config: Any = None) -> dict[str, float]:
+    """The teacher temperatures other than 1 that loss ``name`` reads with ``config`` (``None``: its defaults),
+    by config field; empty when the loss is exact on any cache (``ce``, ``alm``, tau = 1) or its config chooses
+    ``tempered="renormalize"``. Every one needs ``lse@<tau>`` and ``lse@1`` in the cache to be exact."""
+    cfg = _config_of(name, config)
+    if getattr(cfg, "tempered", "renormalize") != "exact":
+        return {}
+    if isinstance(cfg, KLConfig | ULDConfig):
+        fields = {"tau": cfg.tau}
+    elif isinstance(cfg, MLOTConfig):
+        fields = {"tau_had": cfg.tau_had, "tau_sl": cfg.tau_sl, "rank_tau": cfg.rank_tau}
+        if cfg.gamma != 0.0:
+            fields["tau_sd"] = cfg.tau_sd
+    else:  # ce, alm: the realized tokens' logprobs only, exact at every tau
+        return {}
+    return {f: float(t) for f, t in fields.items() if float(t) != 1.0}
+
+
+def _terms(spec: str | Sequence[tuple[str, float]]) -> list[str]:
+    return [n for n, _ in (parse_loss_spec(spec) if isinstance(spec, str) else spec)]
+
+
+def required_temperatures(
+    spec: str | Sequence[tuple[str, float]], configs: Mapping[str, Any] | None = None
+) -> set[float]:
+    """The ``lse@<tau>`` statistics a cache must hold for ``spec`` (with ``configs``) to be exact: the losses'
+    temperatures other than 1, plus 1.0 whenever there is one (the cached logprobs are normalized at tau = 1)."""
+    configs = configs or {}
+    taus = {t for n in _terms(spec) for t in loss_temperatures(n, configs.get(n)).values()}
+    return taus | {1.0} if taus else set()
+
+
+def check_statistics(
+    spec: str | Sequence[tuple[str, float]], configs: Mapping[str, Any] | None, available: Sequence[float]
+) -> None:
+    """Raise ``ConfigError`` (one line: the loss, the missing statistic, the fix) when a loss of ``spec`` needs a
+    row statistic that the cache (recording ``available`` temperatures) lacks. Called before training starts."""
+    configs = configs or {}
+    have = {float(t) for t in available}
+    for n in _terms(spec):
+        for fname, tau in loss_temperatures(n, configs.get(n)).items():
+            if not {tau, 1.0} <= have:
+                raise ConfigError(f"--loss {n} ({fname}={tau:g}): " + missing_lse_message(n, tau, sorted(have)))
+
+
+def exact_losses(available: Sequence[float]) -> list[str]:
+    """The registered losses that are exact (with their default configs) on a cache recording ``available``."""
+    have = {float(t) for t in available}
+    return [n for n in LOSSES if required_temperatures([(n, 1.0)]) <= have]
 
 
 @dataclass

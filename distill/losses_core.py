@@ -19,14 +19,47 @@ from torch import Tensor
 __all__ = [
     "DistillBatch",
     "LossOutput",
+    "MissingStatistic",
     "Reduction",
+    "Tempered",
     "reduce_per_sequence",
+    "require_lse",
     "teacher_logprobs_at",
     "token_pairs",
 ]
 
 Reduction = Literal["token", "sequence"]
 Pairing = Literal["index", "aligned"]
+#: how teacher rows at tau != 1 are built: ``exact`` from the recorded ``logsumexp(logits / tau)`` (refuses a batch
+#: without it), ``renormalize`` within the cached top-K (an approximation, chosen explicitly)
+Tempered = Literal["exact", "renormalize"]
+
+
+class MissingStatistic(ValueError):
+    """A loss needs a row statistic (``logsumexp(logits / tau)``) the batch does not carry."""
+
+
+def missing_lse_message(loss: str, tau: float, held: list[float] | None) -> str:
+    """One line: the loss, the missing statistic, and both fixes."""
+    have = ", ".join(f"{t:g}" for t in sorted(held)) if held else "none"
+    return (
+        f"{loss} at tau={tau:g} needs the teacher's logsumexp(logits/{tau:g}) recorded at capture (recorded "
+        f"temperatures: {have}); re-capture with `logitcache generate ... --extra-temperatures {tau:g}`, or accept "
+        f"the top-K renormalization explicitly with tempered='renormalize' "
+        f"(--loss-config '{{\"{loss}\": {{\"tempered\": \"renormalize\"}}}}')"
+    )
+
+
+def require_lse(batch: DistillBatch, taus: list[float] | set[float], tempered: str, loss: str) -> None:
+    """Raise :class:`MissingStatistic` when ``tempered == "exact"`` and a tau != 1 lacks its recorded lse."""
+    if tempered not in ("exact", "renormalize"):
+        raise ValueError(f"{loss}: tempered must be 'exact' or 'renormalize', got {tempered!r}")
+    if tempered != "exact":
+        return
+    held = sorted(batch.teacher_lse) if batch.teacher_lse else []
+    for tau in sorted(float(t) for t in taus):
+        if tau != 1.0 and not (tau in held and 1.0 in held):
+            raise MissingStatistic(missing_lse_message(loss, tau, held))
 
 # A finite stand-in for -inf in log-domain computations whose gradients must never see inf - inf.
 NEG = -1.0e30
@@ -51,8 +84,8 @@ class DistillBatch:
       - ``teacher_target_ids`` long [B, Tt], ``teacher_target_logprobs`` float [B, Tt], ``teacher_mask`` bool
         [B, Tt].
       - ``teacher_lse``: optional {tau: float [B, Tt]} of ``logsumexp(logits / tau)`` recorded at capture.
-        Exact tempered teacher rows need both ``tau`` and ``1.0``; otherwise tau != 1 renormalizes within the
-        top-K.
+        Exact tempered teacher rows need both ``tau`` and ``1.0``; without them a loss at tau != 1 refuses
+        (unless its config says ``tempered="renormalize"``: renormalized within the top-K).
     Alignment (stage two; optional)
       - ``pairs`` long [B, P, 2]: (teacher row i, student row j) whose next tokens start at the same byte;
         ``pair_mask`` bool [B, P].
@@ -189,12 +222,16 @@ def finish(per_sequence: Tensor, count: Tensor, reduction: Reduction, **parts: T
 # ---- teacher side ------------------------------------------------------------------------------------
 
 
-def teacher_logprobs_at(batch: DistillBatch, tau: float) -> tuple[Tensor, Tensor]:
+def teacher_logprobs_at(
+    batch: DistillBatch, tau: float, tempered: Tempered = "exact", loss: str = "loss"
+) -> tuple[Tensor, Tensor]:
     """The cached rows at temperature ``tau``: (logq [B, Tt, K] fp32, tail [B, Tt] fp32 >= 0).
 
     tau == 1: the cached logprobs; tail = 1 - sum(exp(top-K)). tau != 1 with ``teacher_lse`` holding both
-    ``tau`` and ``1.0``: exact, ``(lp + lse_1) / tau - lse_tau``. Otherwise renormalized within the top-K
-    (tail 0). Absent entries (-inf) stay -inf; a row with no finite entry has tail 1 (tau == 1) or 0.
+    ``tau`` and ``1.0``: exact, ``(lp + lse_1) / tau - lse_tau``; without them ``tempered="exact"`` (default) raises
+    :class:`MissingStatistic` (never a silent approximation). ``tempered="renormalize"``: renormalized within the
+    top-K (tail 0), whether or not the lse is recorded (the explicit approximation). Absent entries (-inf) stay
+    -inf; a row with no finite entry has tail 1 (tau == 1) or 0.
     """
     lp = batch.teacher_topk_logprobs
     cdt = torch.float64 if lp.dtype == torch.float64 else torch.float32
@@ -203,11 +240,12 @@ def teacher_logprobs_at(batch: DistillBatch, tau: float) -> tuple[Tensor, Tensor
     tau = float(tau)
     if tau == 1.0:
         logq = torch.where(finite, lp, float("-inf"))
-    elif batch.teacher_lse is not None and tau in batch.teacher_lse and 1.0 in batch.teacher_lse:
+    elif tempered != "renormalize" and batch.teacher_lse and tau in batch.teacher_lse and 1.0 in batch.teacher_lse:
         l1 = batch.teacher_lse[1.0].to(cdt)[..., None]
         lt = batch.teacher_lse[tau].to(cdt)[..., None]
         logq = torch.where(finite, (lp + l1) / tau - lt, float("-inf"))
     else:
+        require_lse(batch, [tau], tempered, loss)  # raises unless tempered == "renormalize"
         scaled = torch.where(finite, lp / tau, float("-inf"))
         norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
         norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))

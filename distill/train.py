@@ -47,7 +47,7 @@ from .checkpoint import (
 from .context import RunContext
 from .data import ExampleStream, Prefetcher
 from .integrity import StudentLimits
-from .losses import CombinedLoss, parse_loss_spec
+from .losses import CombinedLoss, check_statistics, parse_loss_spec
 from .train_config import TrainConfig
 
 __all__ = ["TeacherScorer", "TrainConfig", "heldout_metrics", "latest_checkpoint", "lr_factor", "run_train"]
@@ -137,6 +137,7 @@ def open_inputs(cfg: TrainConfig, tokenizer: Any) -> TrainData:
                 f"--loss {name}: KL needs the teacher's vocabulary, but the student's tokenizer differs "
                 "from the teacher's; use uld, mlot or alm for cross-tokenizer distillation"
             )
+    check_statistics(cfg.loss, cfg.loss_configs(), cache.header.extra_temperatures)
     eos_id = tokenizer.eos_token_id
     pad_id = pad_token_id(tokenizer)
     return TrainData(cache, store, same_vocab, pad_id, eos_id)

@@ -238,6 +238,12 @@ def inspect(cache: str, as_json: bool) -> None:
     from logitcache.storage import LogitCache, describe_cache
 
     info = describe_cache(LogitCache.open(cache))
+    # the lse temperatures besides 1 each loss reads with its default config (distill.losses.loss_temperatures;
+    # a test pins the two together): kept here so `inspect` needs no torch
+    needs = {"ce": (), "kl": (), "rkl": (), "uld": (), "mlot": (2.0,), "alm": ()}
+    held = set(info["extra_temperatures"])
+    info["exact_losses"] = [n for n, t in needs.items() if not t or {*t, 1.0} <= held]
+    lacking = {n: t for n, t in needs.items() if n not in info["exact_losses"]}
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
@@ -263,6 +269,13 @@ def inspect(cache: str, as_json: bool) -> None:
         f"contents     {info['shards']} shards  {info['sequences']} sequences  {info['positions']} positions  "
         f"{_fmt_bytes(info['bytes'])}  "
         + (f"{info['bytes_per_position']:.1f} B/position" if info["bytes_per_position"] else ""),
+        f"statistics   {' '.join(info['row_statistics']) or 'none'}  exact losses (default configs): "
+        + " ".join(info["exact_losses"])
+        + "".join(
+            f"  ({n} needs lse@{' lse@'.join(f'{x:g}' for x in sorted({*t, 1.0}))}: re-capture with "
+            f"--extra-temperatures {' --extra-temperatures '.join(f'{x:g}' for x in t)})"
+            for n, t in lacking.items()
+        ),
         f"tokens       prompt {s['prompt_tokens']}  completion {s['completion_tokens']}",
         f"finish       {finish}",
         f"targets      in top-k {s['target_in_topk_rate']:.2%}  mean logprob {s['mean_target_logprob']:.3f}",

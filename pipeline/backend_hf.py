@@ -35,6 +35,7 @@ batch composition, seed and device reproduce the same tokens. A sequence stops a
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -142,20 +143,39 @@ def _check_head(model: PreTrainedModel, head: Head) -> None:
 
 
 def _rows_from_logits(
-    logits: torch.Tensor, targets: torch.Tensor, k: int, temps: Sequence[float]
+    logits: torch.Tensor, targets: torch.Tensor, k: int, temps: Sequence[float], scratch_ok: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """float32 logits ``[N, V]`` -> (topk ids ``[N, K]``, topk logprobs, target logprobs ``[N]``, extra lse)."""
+    """float32 logits ``[N, V]`` -> (topk ids ``[N, K]``, topk logprobs, target logprobs ``[N]``, extra lse).
+
+    ``logsumexp(z / tau) = lse_1 / tau + log(sum(exp((z - lse_1) / tau)))``: every term is <= 1, so no max pass is
+    needed, and the passes run in place in one scratch buffer (``logits`` itself for the last temperature when
+    ``scratch_ok``: the caller no longer needs them). tau = 1 is ``lse_1``, computed anyway. Against
+    ``torch.logsumexp(z / tau)`` this halves the statistics' cost (bench/row_stats.py) for the same value up to
+    float32 rounding (~1e-6 relative)."""
     lse = torch.logsumexp(logits, dim=-1)
     top_v, top_i = torch.topk(logits, k, dim=-1, sorted=True)
     target_lp = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - lse
-    extra = [torch.logsumexp(logits / t, dim=-1) for t in temps]
+    others = [t for t in temps if t != 1.0]
+    extra: list[torch.Tensor] = []
+    scratch: torch.Tensor | None = None
+    for t in temps:
+        if t == 1.0:
+            extra.append(lse)
+            continue
+        if scratch_ok and t == others[-1]:
+            buf = logits
+        else:
+            scratch = torch.empty_like(logits) if scratch is None else scratch
+            buf = scratch
+        torch.sub(logits, lse.unsqueeze(1), out=buf)
+        extra.append(lse / t + buf.mul_(1.0 / t).exp_().sum(dim=-1).log_())
     return top_i, top_v - lse.unsqueeze(1), target_lp, extra
 
 
 def _temps(extra_temperatures: Iterable[float]) -> list[float]:
     temps = [float(t) for t in extra_temperatures]
-    if any(not t > 0 for t in temps):
-        raise ConfigError(f"--extra-temperatures must be > 0, got {temps}")
+    if any(not (math.isfinite(t) and t > 0) for t in temps):
+        raise ConfigError(f"--extra-temperatures must be finite and > 0, got {temps}")
     return temps
 
 
@@ -217,7 +237,7 @@ def score_rows(
     extra = [torch.empty(total, dtype=torch.float32, device=device) for _ in temps]
     for start in range(0, total, chunk_positions):
         stop = min(start + chunk_positions, total)
-        ti, tl, tg, ex = _rows_from_logits(head(hidden[start:stop]), targets[start:stop], k, temps)
+        ti, tl, tg, ex = _rows_from_logits(head(hidden[start:stop]), targets[start:stop], k, temps, scratch_ok=True)
         top_i[start:stop], top_lp[start:stop], tgt_lp[start:stop] = ti, tl, tg
         for buf, val in zip(extra, ex):
             buf[start:stop] = val

@@ -97,6 +97,7 @@ class VllmEngine:
             max_model_len=cfg.max_length,
             max_logprobs=cfg.max_logprobs or cfg.top_k,
             seed=cfg.seed,
+            row_stats=bool(cfg.extra_temperatures),  # --no-row-stats: the plain engine, no hook
             **kwargs,
         )
         self.cfg = cfg

@@ -7,6 +7,7 @@ errors answer in a fraction of a second. ``generate_stage`` re-exports it; impor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,12 @@ class GenerateConfig:
         "else its EOS) so the cache also teaches stopping.",
     )
     extra_temperatures: list[float] = option(
-        [], "Also store logsumexp(logits/tau) per position (both backends; 1.0 is then added)."
+        [1.0, 2.0],
+        "Row statistics: store logsumexp(logits/tau) over the full vocabulary per position at these temperatures "
+        "(both backends; 1.0 is always added). Losses at tau != 1 (mlot's tau_SD = 2, uld/kl with tau) need them.",
+    )
+    row_stats: bool = option(
+        True, "Record the --extra-temperatures statistics; --no-row-stats records none (a v1-style cache)."
     )
     shard_size: int = option(256, "Samples per cache shard (the unit of work, atomicity and resume).")
     num_shards: int = option(1, "Job arrays: number of tasks splitting the shards.")
@@ -105,10 +111,14 @@ class GenerateConfig:
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1, got {self.limit}")
         check(self.max_length is None or self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
-        check(all(t > 0 for t in self.extra_temperatures), "extra_temperatures", "temperatures must be > 0")
-        if self.extra_temperatures and 1.0 not in self.extra_temperatures:
+        bad = [t for t in self.extra_temperatures if not (math.isfinite(float(t)) and float(t) > 0)]
+        check(not bad, "extra_temperatures", f"temperatures must be finite and > 0, got {bad[0] if bad else ''}")
+        if not self.row_stats:
+            self.extra_temperatures = []
+        elif self.extra_temperatures:
             # tempered teacher rows need logsumexp(logits / 1) too: the cached logprobs are already normalized
-            self.extra_temperatures = sorted({*self.extra_temperatures, 1.0})
+            self.extra_temperatures = sorted({*(float(t) for t in self.extra_temperatures), 1.0})
+        self.row_stats = bool(self.extra_temperatures)  # a config file's `extra_temperatures = []` means none too
         check(self.chunk_positions >= 1, "chunk_positions", f"must be >= 1, got {self.chunk_positions}")
         check(
             self.max_logprobs is None or self.max_logprobs >= self.top_k,
@@ -142,6 +152,7 @@ class GenerateConfig:
             "max_num_batched_tokens",
             "threads",
             "on_sample_error",
+            "row_stats",  # implied by extra_temperatures (kept out so caches made before the flag resume)
         }
         out = {k: v for k, v in to_dict(self).items() if k not in skip}
         out["dtype"] = self.resolved_dtype()  # --dtype auto and the dtype it picks make the same cache

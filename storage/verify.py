@@ -271,6 +271,8 @@ def describe_cache(cache: LogitCache) -> dict[str, Any]:
         "top_k": cache.top_k,
         "vocab_size": cache.vocab_size,
         "extra_temperatures": cache.header.extra_temperatures,
+        # row statistics recorded per position, exact over the full vocabulary (docs/format.md); none in v1 caches
+        "row_statistics": [f"lse@{t:g}" for t in cache.header.extra_temperatures],
         "codecs": {"ids": cache.header.id_codec, "logprobs": cache.header.logprob_codec},
         "positions_backend": cache.header.positions,
         "shards": len(cache.shards),

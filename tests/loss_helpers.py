@@ -138,8 +138,13 @@ def forward_logits(seqs: list[Seq], batch: CollatedBatch) -> Tensor:
     return z
 
 
-def make_batch(seqs: list[Seq], k: int, same_vocab: bool = False, grad: bool = True, taus=()) -> DistillBatch:
+def make_batch(
+    seqs: list[Seq], k: int, same_vocab: bool = False, grad: bool = True, taus=(2.0,)
+) -> DistillBatch:
     """The ``DistillBatch`` the losses see, built as training builds it (``collate`` + ``distill_batch``).
+
+    ``taus``: the recorded ``logsumexp(logits / tau)`` (1.0 added), by default what a default capture records
+    (tau = 1, 2: ``mlot``'s tau_SD); ``()`` for a cache without row statistics.
 
     ``grad``: the student logits require grad, and ``batch.student_logits.grad`` is kept after a backward."""
     batch = collate_seqs(seqs, k, taus)

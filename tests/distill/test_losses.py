@@ -16,6 +16,7 @@ from logitcache.distill.losses import (
     CombinedLoss,
     DistillBatch,
     KLConfig,
+    MissingStatistic,
     MLOTConfig,
     ULDConfig,
     gather_log_softmax,
@@ -200,7 +201,10 @@ def test_kl_temperature_exact_with_lse_and_renormalized_without(direction):
         assert torch.allclose(logq[b, :n], dense.gather(1, ids), atol=1e-10)
         assert torch.allclose(tail[b, :n], 1 - dense.exp().gather(1, ids).sum(-1), atol=1e-10)
     out = LOSSES["kl"](exact, KLConfig(direction=direction, tau=tau, tail="bucket"))
-    renorm = LOSSES["kl"](make_batch(seqs, k, same_vocab=True), KLConfig(direction=direction, tau=tau, tail="bucket"))
+    bare = make_batch(seqs, k, same_vocab=True, taus=())
+    with pytest.raises(MissingStatistic, match=r"at tau=2 needs the teacher's logsumexp\(logits/2\).*renormalize"):
+        LOSSES["kl"](bare, KLConfig(direction=direction, tau=tau))  # never a silent approximation
+    renorm = LOSSES["kl"](bare, KLConfig(direction=direction, tau=tau, tail="bucket", tempered="renormalize"))
     for b, s in enumerate(seqs):
         ref = ref_kl_bucket(s, direction, tau, index_pairs(s), k)
         assert abs(float(out.per_sequence[b].detach()) - ref) < ATOL

@@ -133,7 +133,7 @@ def test_uld_top_ranks_truncates():
 def test_mlot_dense_equal_when_k_equals_v(pairing, vt, vs, k, taus):
     g = gen(23)
     seqs = random_seqs(3, vt, vs, g, lengths=[(4, 6), (5, 2), (3, 3)])
-    batch = make_batch(seqs, vt)
+    batch = make_batch(seqs, vt, taus=(2.0,) if taus is None else taus)
     cfg = MLOTConfig(k=k, pairing=pairing)
     if taus is not None:  # every temperature distinct, so a mix-up between them shows
         cfg = MLOTConfig(k=k, pairing=pairing, tau_had=taus[0], tau_sl=taus[1], tau_sd=taus[2], rank_tau=taus[3])

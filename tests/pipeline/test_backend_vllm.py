@@ -370,7 +370,7 @@ def test_row_stats_bad_temperatures(backend: VllmBackend, seqs) -> None:  # type
         with pytest.raises(ValueError, match="must be finite and > 0") as err:
             backend.score(ids[:1], lens[:1], K, extra_temperatures=bad)
         assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="records at most 8"):
+    with pytest.raises(ValueError, match="--extra-temperatures: the vllm backend records at most 8"):
         backend.generate([ids[0][:4]], K, 2, extra_temperatures=[0.5 + i for i in range(9)])
 
 

@@ -157,6 +157,7 @@ def test_a_key_error_is_a_bug_with_its_traceback(teacher, tmp_path, monkeypatch)
 def test_flag_checks_of_the_backends_are_config_errors(teacher, tmp_path):
     from logitcache.config import ConfigError
     from logitcache.pipeline.backend_hf import check_sampling, check_top_k
+    from logitcache.pipeline.generate_stage import GenerateConfig
 
     for call, flag in [
         (lambda: check_sampling(-1, 1.0, 1.0), "--max-new-tokens"),
@@ -167,4 +168,16 @@ def test_flag_checks_of_the_backends_are_config_errors(teacher, tmp_path):
     ]:
         with pytest.raises(ConfigError, match=flag):
             call()
-    # (the vllm backend records extra temperatures too since the row-statistics hook: nothing to refuse there)
+    # both backends record row statistics (issue 13); a bad temperature is refused by the config and by each backend
+    from types import SimpleNamespace
+
+    from logitcache.pipeline.backend_hf import _temps
+    from logitcache.pipeline.backend_vllm import VllmBackend
+
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ConfigError, match="--extra-temperatures"):
+            GenerateConfig(model=str(teacher), data="d.jsonl", out=str(tmp_path / "c"), extra_temperatures=[2.0, bad])
+        with pytest.raises(ConfigError, match="--extra-temperatures"):
+            _temps([bad])
+        with pytest.raises(ConfigError, match="--extra-temperatures"):  # checked before the engine is touched
+            VllmBackend._temperatures(SimpleNamespace(row_stats=True, _temps=()), [bad])
