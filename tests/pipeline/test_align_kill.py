@@ -48,18 +48,23 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, ascii_teacher_folder):
-    """A score cache of 24 shards (20 sequences each), a student tokenizer, and the uninterrupted store."""
+    """Score caches of 24 shards of 20 sequences (``cache``) and 12 of 10 (``small``, for S3: fewer requests), a
+    student tokenizer, and each cache's uninterrupted store (``reference``, ``small-reference``)."""
     root = tmp_path_factory.mktemp("align-kill")
     data = write_prompts(root / "p.jsonl", 480)
-    cfg = GenerateConfig(
-        model=str(ascii_teacher_folder), data=str(data), out=str(root / "cache"), mode="score", top_k=4, shard_size=20
-    )
-    run_generate(cfg)
+    for name, n, size in (("cache", 480, 20), ("small", 120, 10)):
+        cfg = GenerateConfig(
+            model=str(ascii_teacher_folder), data=str(data), out=str(root / name), mode="score", top_k=4,
+            shard_size=size, limit=n,
+        )
+        run_generate(cfg)
     tok = unigram_tokenizer()
     tok.chat_template = STUDENT_TEMPLATE
     tok.save_pretrained(root / "student")
-    shutil.copytree(root / "cache", root / "reference")
-    run_align(AlignConfig(cache=str(root / "reference"), student_tokenizer=str(root / "student"), workers=1))
+    for name in ("cache", "small"):
+        shutil.copytree(root / name, root / f"{name}-reference")
+        ref = AlignConfig(cache=str(root / f"{name}-reference"), student_tokenizer=str(root / "student"), workers=1)
+        run_align(ref)
     return root
 
 
@@ -116,11 +121,11 @@ def store_shards(cache: Path) -> list[Path]:
     return sorted(cache.glob("alignments/*/shards/shard-*/_COMPLETE.json"))
 
 
-def assert_same_store(cache: LogitCache, reference: LogitCache, student) -> None:
+def assert_same_store(cache: LogitCache, reference: LogitCache, student, n: int) -> None:
     key = student_store_key(student)
     a, b = AlignmentStore.open(cache, key), AlignmentStore.open(reference, key)
     ids = [rec.sample_id for rec in reference.iter_sequences()]
-    assert len(ids) == 480
+    assert len(ids) == n
     for sid in ids:
         x, y = a.get(sid), b.get(sid)
         assert x.student_prompt_text == y.student_prompt_text
@@ -155,7 +160,7 @@ def test_killed_align_leaves_no_process_and_the_rerun_completes(built, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "still alive" not in r.stderr  # workers closed, not killed
     student = load_student_tokenizer(str(built / "student"))
-    assert_same_store(LogitCache.open(cache), LogitCache.open(built / "reference"), student)
+    assert_same_store(LogitCache.open(cache), LogitCache.open(built / "cache-reference"), student, 480)
     assert verify_cache(cache) == []
 
 
@@ -192,6 +197,7 @@ def s3():
     server.stop()
 
 
+@pytest.mark.slow  # about a minute: every shard is a dozen requests to the in-process server
 def test_killed_align_on_s3_reruns_to_the_local_result(built, s3):
     """The reported fault (`cannot finalize, shards [...] are not aligned yet` on the first rerun after a kill,
     with the default workers): killed after some shards, the rerun completes, verifies, and equals a local run."""
@@ -199,7 +205,7 @@ def test_killed_align_on_s3_reruns_to_the_local_result(built, s3):
 
     opts, env = s3
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
-    fs.put(str(built / "cache"), "kills/cache", recursive=True)
+    fs.put(str(built / "small"), "kills/cache", recursive=True)
     url = "s3://kills/cache"
     assert verify_cache(url, storage_options=opts) == []  # precondition: the upload is a sound cache
 
@@ -213,10 +219,11 @@ def test_killed_align_on_s3_reruns_to_the_local_result(built, s3):
     wait_for("first aligned shard on S3", lambda: aligned() > 0, proc)
     kill_parent_and_wait_for_tree(proc)
     done = aligned()
-    assert 0 < done < 24, done  # precondition: killed mid-run
+    assert 0 < done < 12, done  # precondition: killed mid-run
     r = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     v = subprocess.run([*CLI, "verify", url], capture_output=True, text=True, timeout=300, env=env)
     assert v.returncode == 0 and v.stdout.strip().endswith(": OK"), v.stdout + v.stderr
     student = load_student_tokenizer(str(built / "student"))
-    assert_same_store(LogitCache.open(url, storage_options=opts), LogitCache.open(built / "reference"), student)
+    reference = LogitCache.open(built / "small-reference")
+    assert_same_store(LogitCache.open(url, storage_options=opts), reference, student, 120)
