@@ -313,11 +313,15 @@ def inspect(cache: str, as_json: bool) -> None:
 def verify(cache: str) -> None:
     """Check CACHE end to end: schema, checksums, shapes, ids < vocab, sorted logprobs <= 0.
 
-    Exits 0 when sound; otherwise prints one line per problem and exits 1.
+    Exits 0 when sound; otherwise prints one line per problem and exits 1. What could not be checked (a
+    checksum an older writer did not record) is printed as a note and does not change the exit status.
     """
     from logitcache.storage import verify_cache
 
-    problems = verify_cache(cache)
+    notes: list[str] = []
+    problems = verify_cache(cache, notes=notes)
+    for n in notes:
+        click.echo(f"note: {n}")
     if problems:
         for p in problems:
             click.echo(f"problem: {p}", err=True)

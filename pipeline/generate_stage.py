@@ -146,6 +146,7 @@ def process_shard(cfg: GenerateConfig, shard: int, tokenizer: Any, progress: Any
                     room = max_len - p.prompt_len
                     if len(ids) > room:  # the context ends before max_new_tokens
                         ids, rows, reason = ids[:room], rows.slice(0, room), "length"
+                        counters["truncated_context"] = counters.get("truncated_context", 0) + 1
                     record = generated_record(tokenizer, p, ids, reason, rows, eos_ids, counters)
             except Exception as e:  # see --on-sample-error
                 _skip(cfg, p.record.sample_id, e, counters, skipped)

@@ -26,6 +26,18 @@ process still alive after 4.0 seconds, killing"; ``LocalCluster.close(timeout)``
 the cluster is built with a nanny class whose close waits longer (the kill stays as the last resort). After a
 failed shard the workers get dask's 5 s only: one may still be busy with a long shard nobody wants.
 
+Parent death. A local cluster's processes are the client's children: the client process also hosts the
+scheduler and the nannies, and each nanny spawns one worker process (plus multiprocessing's resource tracker,
+which exits once every holder of its pipe is gone). dask's worker watches a pipe to its nanny and exits when it
+closes, but only from its entry point on: a worker still starting up (unpickling its process object imports
+dask and distributed, seconds on a busy machine) outlived a SIGKILLed client until it got there. While a local
+cluster runs, every worker process is therefore spawned with a few lines run before anything else
+(:data:`_DIE_WITH_PARENT`): on Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, so the kernel kills the worker
+when the process that spawned it dies, then a check that the parent is still the one that spawned it (it may
+have died before the ``prctl``); elsewhere a daemon thread that polls ``os.getppid()``. The kernel sends the
+signal when the spawning *thread* exits; dask spawns each worker from a thread that lives until the worker has
+exited, so a normal close is not cut short. Only spawns from dask's process threads get these lines.
+
 The bar (:func:`progress_bar`) counts one named unit (sequences: ``seq/s``, never tqdm's inverted ``s/seq``)
 and shows the token rate after it.
 """
@@ -34,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -131,6 +144,66 @@ def _patient_nanny(patience: list[float]) -> type:
     return PatientNanny
 
 
+#: run by each local worker process before ``spawn_main``: die with the process that spawned it (``%d``: its pid)
+_DIE_WITH_PARENT = """\
+def _die_with_parent(parent):
+    import os
+    try:
+        import ctypes, signal
+        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL)) != 0:  # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+        watch = False
+    except Exception:  # not Linux: poll instead
+        watch = True
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
+    if watch:
+        import threading, time
+        def poll():
+            while os.getppid() == parent:
+                time.sleep(0.25)
+            os._exit(1)
+        threading.Thread(target=poll, name="logitcache-parent-watch", daemon=True).start()
+_die_with_parent(%d)
+del _die_with_parent
+"""
+
+_spawn_guard = threading.Lock()
+_spawn_users = [0]
+
+
+@contextlib.contextmanager
+def workers_die_with_parent() -> Iterator[None]:
+    """While active, worker processes that dask spawns in this process die with it (see the module docstring).
+
+    Wraps ``multiprocessing.spawn.get_command_line`` (what every spawn start method calls for the child's
+    ``python -c PROG`` command line) for dask's process threads only; nested uses share one wrapper.
+    """
+    from multiprocessing import spawn
+
+    with _spawn_guard:
+        if _spawn_users[0] == 0:
+            original = spawn.get_command_line
+
+            def get_command_line(**kwds: Any) -> list[str]:
+                cmd = original(**kwds)
+                if threading.current_thread().name.startswith("AsyncProcess") and "-c" in cmd[:-1]:
+                    at = cmd.index("-c") + 1
+                    cmd[at] = _DIE_WITH_PARENT % os.getpid() + cmd[at]
+                return cmd
+
+            get_command_line.original = original  # type: ignore[attr-defined]
+            spawn.get_command_line = get_command_line
+        _spawn_users[0] += 1
+    try:
+        yield
+    finally:
+        with _spawn_guard:
+            _spawn_users[0] -= 1
+            if _spawn_users[0] == 0:
+                spawn.get_command_line = spawn.get_command_line.original  # type: ignore[attr-defined]
+
+
 @contextlib.contextmanager
 def _client(workers: int, scheduler: str | None, options: ClusterOptions) -> Iterator[Any]:
     """A dask client on ``scheduler``, or on a local cluster of ``workers`` processes that is gone on exit."""
@@ -142,23 +215,24 @@ def _client(workers: int, scheduler: str | None, options: ClusterOptions) -> Ite
             yield client
         return
     patience = [options.close_timeout]
-    with dask.config.set({"distributed.worker.daemon": options.daemon}):
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,  # no dashboard; its HTTP server (health routes) on a free port, not 8787
-            scheduler_kwargs={"dashboard_address": ":0"},
-            worker_class=_patient_nanny(patience),
-        )
-    try:
-        with Client(cluster) as client:
-            yield client
-    except BaseException:
-        patience[0] = 0  # a shard failed: workers still busy with others are not waited for
-        raise
-    finally:
-        cluster.close()  # each nanny bounds its own worker's exit
+    with workers_die_with_parent():
+        with dask.config.set({"distributed.worker.daemon": options.daemon}):
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,  # no dashboard; its HTTP server (health routes) on a free port, not 8787
+                scheduler_kwargs={"dashboard_address": ":0"},
+                worker_class=_patient_nanny(patience),
+            )
+        try:
+            with Client(cluster) as client:
+                yield client
+        except BaseException:
+            patience[0] = 0  # a shard failed: workers still busy with others are not waited for
+            raise
+        finally:
+            cluster.close()  # each nanny bounds its own worker's exit
 
 
 def _run_dask(

@@ -326,8 +326,7 @@ class AlignmentStore:
         if index not in self._columns:
             path = self.loc.child(SHARDS_DIR, shard_name(index))
             try:
-                with path.fs.open(path.path(ALIGNMENT_FILE), "rb") as f:
-                    table = pq.read_table(f)
+                table = path.read_parquet(ALIGNMENT_FILE)
             except Exception as e:
                 raise CorruptCacheError(f"{path.url_of(ALIGNMENT_FILE)}: unreadable ({type(e).__name__}: {e})") from e
             if len(self._columns) >= 4:  # a few shards at a time: bounded memory
@@ -346,8 +345,7 @@ class AlignmentStore:
         return [cols.record(i) for i in range(cols.n)]
 
     def vocab_map(self) -> np.ndarray:
-        with self.loc.fs.open(self.loc.path(VOCAB_MAP_FILE), "rb") as f:
-            return pq.read_table(f).column("student_id").to_numpy()
+        return self.loc.read_parquet(VOCAB_MAP_FILE).column("student_id").to_numpy()
 
     def tokenizer_path(self) -> str:
         return self.loc.path(TOKENIZER_DIR)

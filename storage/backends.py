@@ -147,8 +147,7 @@ class ArrowReader:
     def __init__(self, shard: Location, parts: dict[str, dict[str, Any]]) -> None:
         self._url = shard.url_of(PARQUET_FILE)
         try:
-            fh = open(shard.path(PARQUET_FILE), "rb") if shard.is_local else shard.fs.open(shard.path(PARQUET_FILE))  # noqa: SIM115
-            self._file = pq.ParquetFile(fh)
+            self._file = shard.open_parquet(PARQUET_FILE)  # reads on this thread only (see storage.fs)
         except Exception as e:
             raise CorruptCacheError(f"{self._url}: cannot open position table ({type(e).__name__}: {e})") from e
         self._parts = parts

@@ -19,6 +19,16 @@ first: one more LIST/HEAD request per call, in exchange for never deciding compl
 Credentials and endpoints: opening a remote ``Location`` (``Location.parse``) probes the root once and turns a
 missing credential, a refused or unreachable endpoint or a denied request into a one-line ``CacheError`` naming
 the URL, what failed and the environment variables that fix it, instead of a botocore traceback.
+
+Parquet and threads: every parquet read goes through ``Location.read_parquet`` / ``open_parquet``, synchronous
+on the calling thread (``pre_buffer=False``, ``use_threads=False``). ``pq.read_table(python_file)`` (and
+``ParquetFile``'s default ``pre_buffer=True``) reads through Arrow's I/O thread pool, whose callbacks can hold
+the last reference to a buffer of Python bytes or to the Python file after the call has returned; when that
+reference drops while the interpreter finalizes, the Arrow thread asks for the GIL, CPython ends the thread
+with ``pthread_exit``, the unwind meets a ``noexcept`` C++ frame and the process aborts with "terminate called
+without an active exception" after printing its result (``logitcache verify``, about one run in 60 on a busy
+machine; the core dump's aborting thread was in ``arrow::py::PyBuffer::~PyBuffer`` under
+``ReadRangeCache::LazyImpl::~LazyImpl``). Local files are opened by path, so Arrow reads them natively.
 """
 
 from __future__ import annotations
@@ -155,6 +165,24 @@ class Location:
 
     def read_bytes(self, *parts: str) -> bytes:
         return bytes(self.fs.cat_file(self.path(*parts)))
+
+    def open_parquet(self, *parts: str) -> Any:
+        """A ``pyarrow.parquet.ParquetFile`` on the file at ``parts`` that reads on the calling thread only.
+
+        Read it with ``use_threads=False`` (see the module docstring, "Parquet and threads")."""
+        import pyarrow.parquet as pq
+
+        if self.is_local:
+            return pq.ParquetFile(self.path(*parts), pre_buffer=False)
+        return pq.ParquetFile(self.fs.open(self.path(*parts), "rb"), pre_buffer=False)
+
+    def read_parquet(self, *parts: str, columns: list[str] | None = None) -> Any:
+        """The parquet file at ``parts`` as a ``pyarrow.Table``, read on the calling thread (never Arrow's pools)."""
+        pf = self.open_parquet(*parts)
+        try:
+            return pf.read(columns=columns, use_threads=False)
+        finally:
+            pf.close()
 
     def read_json(self, *parts: str) -> Any:
         return json.loads(self.read_bytes(*parts).decode("utf-8"))

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .backends import PositionReader, make_backend
 from .codecs import id_codec_from_config, logprob_codec_from_config
@@ -139,8 +138,7 @@ class LogitCache:
             return self._tables[index]
         loc = self.shard_location(index)
         try:
-            with loc.fs.open(loc.path(SEQUENCES_FILE), "rb") as f:
-                table = pq.read_table(f)
+            table = loc.read_parquet(SEQUENCES_FILE)
         except FileNotFoundError as e:
             raise CorruptCacheError(f"{loc.url_of(SEQUENCES_FILE)}: missing") from e
         except Exception as e:
@@ -188,8 +186,7 @@ class LogitCache:
         index: dict[int, tuple[int, int]] = {}
         for s in self.shards:
             loc = self.shard_location(s.index)
-            with loc.fs.open(loc.path(SEQUENCES_FILE), "rb") as f:
-                ids = pq.read_table(f, columns=["sample_id"]).column("sample_id").to_numpy()
+            ids = loc.read_parquet(SEQUENCES_FILE, columns=["sample_id"]).column("sample_id").to_numpy()
             for i, sid in enumerate(ids.tolist()):
                 if sid in index:
                     raise CorruptCacheError(f"{self.loc.url}: sample id {sid} appears in two shards")

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from .alignment_store import ALIGNMENT_FILE, ALIGNMENTS_DIR, SCHEMA, STORE_FILE, VOCAB_MAP_FILE, cache_identity
 from .errors import CacheError
@@ -152,8 +151,7 @@ def _check_vocab_map(
     if level != "full":
         return
     try:
-        with loc.fs.open(loc.path(VOCAB_MAP_FILE), "rb") as f:
-            vm = pq.read_table(f).column("student_id").to_numpy()
+        vm = loc.read_parquet(VOCAB_MAP_FILE).column("student_id").to_numpy()
     except Exception as e:
         problems.append(f"{where}: unreadable ({type(e).__name__}: {e}); {fix}")
         return
@@ -185,8 +183,7 @@ def _check_records(cache: LogitCache, loc: Location, name: str, index: int, end_
     shard = loc.child(SHARDS_DIR, cache._info(index).name)
     where = f"{name}/{SHARDS_DIR}/{cache._info(index).name}"
     try:
-        with shard.fs.open(shard.path(ALIGNMENT_FILE), "rb") as f:
-            table = pq.read_table(f)
+        table = shard.read_parquet(ALIGNMENT_FILE)
         seqs = cache.sequence_table(index)
     except Exception as e:
         problems.append(f"{where}/{ALIGNMENT_FILE}: unreadable ({type(e).__name__}: {e})")

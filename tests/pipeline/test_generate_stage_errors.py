@@ -100,6 +100,20 @@ def test_overlong_skip_and_truncate_are_counted(teacher, tmp_path):
     assert len(rec.token_ids) == 40 and rec.completion_text.startswith("a much longer")
 
 
+def test_completion_cut_by_the_context_is_counted(teacher, tmp_path):
+    """max_new_tokens runs past --max-length: the completion is cut there (finish ``length``) and counted."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "word " * n}) + "\n" for n in (1, 2, 3)))
+    r = gen(teacher, data, tmp_path / "c", "--max-new-tokens", "40", "--max-length", "30", "--temperature", "0")
+    assert r.exit_code == 0, r.output
+    cache = LogitCache.open(tmp_path / "c")
+    cut = [rec for rec in cache.iter_sequences() if len(rec.token_ids) == 30]
+    assert cut and all(rec.finish_reason == "length" for rec in cut)  # precondition: some ran into the context
+    assert cache.manifest["counters"].get("truncated_context") == len(cut)
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "c")])
+    assert f"truncated_context {len(cut)}" in shown.output, shown.output
+
+
 def test_bad_flag_values_name_the_flag(teacher, tmp_path):
     data = write_prompts(tmp_path / "d.jsonl", 2)
     one_line_error(gen(teacher, data, tmp_path / "c", "--top-p", "0"), "--top-p")

@@ -137,3 +137,37 @@ def test_the_bar_counts_one_named_unit() -> None:
     text = out.getvalue()
     assert "align" in text and "10/10" in text and "tok/s" in text
     assert "seq/s" in text and "s/seq" not in text
+
+
+def test_dask_spawns_get_the_parent_watch_only_while_a_cluster_runs() -> None:
+    import subprocess
+    import sys
+    import threading
+    from multiprocessing import spawn
+
+    from logitcache.pipeline.shard_runner import _DIE_WITH_PARENT, workers_die_with_parent
+
+    plain = spawn.get_command_line
+    seen: dict[str, list[str]] = {}
+
+    def spawn_from(name: str) -> None:
+        t = threading.Thread(target=lambda: seen.__setitem__(name, spawn.get_command_line(pipe_handle=7)), name=name)
+        t.start()
+        t.join()
+
+    with workers_die_with_parent(), workers_die_with_parent():  # nested: one wrapper
+        spawn_from("AsyncProcess Dask Worker process (from Nanny) watch message queue")
+        spawn_from("someone else's thread")
+    assert spawn.get_command_line is plain  # restored
+    prog = seen["AsyncProcess Dask Worker process (from Nanny) watch message queue"]
+    other = seen["someone else's thread"]
+    assert prog[-3] == "-c" and prog[-2].startswith("def _die_with_parent(")
+    assert prog[-2].endswith(other[-2]) and other[-2].startswith("from multiprocessing.spawn import spawn_main")
+    assert f"_die_with_parent({os.getpid()})" in prog[-2]
+    # the lines run in a child: it goes on when its parent is the one named, exits at once otherwise
+    ok = subprocess.run([sys.executable, "-c", _DIE_WITH_PARENT % os.getpid() + "print('ran')"],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == "ran", ok.stderr
+    orphan = subprocess.run([sys.executable, "-c", _DIE_WITH_PARENT % 1 + "print('ran')"],
+                            capture_output=True, text=True, timeout=60)
+    assert orphan.returncode == 1 and orphan.stdout == ""
