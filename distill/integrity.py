@@ -32,7 +32,6 @@ import pyarrow.compute as pc
 from logitcache.storage import LogitCache, PositionRows, SequenceRecord
 from logitcache.storage.alignment_store import AlignmentRecord, AlignmentStore
 from logitcache.storage.errors import CorruptCacheError
-from logitcache.storage.layout import record_from_table
 
 __all__ = ["StudentLimits", "read_checked_shard"]
 
@@ -219,17 +218,10 @@ def read_checked_shard(
     table = cache.sequence_table(index)
     starts, sids = _check_table(cache, index, table, where)
     _check_alignments(cache, store, index, table, sids, limits)
-    counts = table.column("row_count").to_numpy()
-    positions = cache._info(index).positions
-    records: list[SequenceRecord] = []
-    block: PositionRows | None = None
-    block_start = 0
-    for i in range(table.num_rows):
-        s, c = int(starts[i]), int(counts[i])
-        if block is None or s + c > block_start + block.n:
-            block_start = s
-            block = cache.read_rows(index, s, max(s + c, min(s + BLOCK_ROWS, positions)))
-            _check_rows(cache, block, s, starts, sids, where, limits)
-        records.append(record_from_table(table, i, block.slice(s - block_start, s - block_start + c)))
+    records = list(
+        cache.iter_shard(
+            index, BLOCK_ROWS, on_block=lambda block, s: _check_rows(cache, block, s, starts, sids, where, limits)
+        )
+    )
     aligned = {a.sample_id: a for a in store.iter_shard(index)}
     return records, aligned

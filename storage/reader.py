@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,8 +215,17 @@ class LogitCache:
         count = int(table.column("row_count")[i].as_py())
         return record_from_table(table, i, self.read_rows(shard, start, start + count))
 
-    def iter_shard(self, index: int, block_rows: int = 65536) -> Iterator[SequenceRecord]:
-        """Every sequence of one shard in stored order, reading position arrays in large blocks."""
+    def iter_shard(
+        self,
+        index: int,
+        block_rows: int = 65536,
+        on_block: Callable[[PositionRows, int], None] | None = None,
+    ) -> Iterator[SequenceRecord]:
+        """Every sequence of one shard in stored order, reading position arrays in large blocks.
+
+        ``on_block(block, first_row)`` sees each block as it is read, before any of its records is yielded (the
+        training loader checks rows there, once per block instead of once per sequence).
+        """
         table = self.sequence_table(index)
         starts = table.column("row_start").to_numpy()
         counts = table.column("row_count").to_numpy()
@@ -227,6 +236,8 @@ class LogitCache:
             if block is None or s + c > block_start + block.n:
                 block_start = s
                 block = self.read_rows(index, s, max(s + c, min(s + block_rows, self._info(index).positions)))
+                if on_block is not None:
+                    on_block(block, s)
             yield record_from_table(table, i, block.slice(s - block_start, s - block_start + c))
 
     def iter_sequences(self, shards: list[int] | None = None) -> Iterator[SequenceRecord]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from proc_helpers import killed_when_parked
 
 from logitcache.distill.sampling import rank_epoch_size
 from logitcache.distill.train import TrainConfig, run_train
@@ -74,26 +74,12 @@ def test_killed_then_resumed_run_matches_an_uninterrupted_one(setup, tmp_path):
     args = ["train", "--cache", str(setup["cache"]), "--student", str(setup["student"]), "--out", str(tmp_path / "b")]
     args += ["--batch-size", "4", "--lr", "0.003", "--warmup-steps", "2", "--max-steps", "8", "--eval-fraction", "0"]
     args += ["--save-every", "4", "--loss", "ce:1,uld:0.5"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("parked "), f"train ended before its step-4 checkpoint: {line!r}"
+    cmd = [sys.executable, "-c", KILL_SCRIPT, *args]
+    with killed_when_parked(cmd, "its step-4 checkpoint", stderr=subprocess.DEVNULL) as lines:
         # precondition: the kill lands mid-run, after a complete step-4 checkpoint and before any later one
-        parked = Path(line.split(maxsplit=1)[1].strip())
+        parked = Path(lines[-1].split(maxsplit=1)[1])
         assert parked.name == "step-0000004" and (parked / "trainer.pt").exists()
         assert sorted(p.name for p in parked.parent.iterdir()) == ["step-0000004"]
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdin.close()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "b" / "summary.json").exists()
     run_train(cfg(setup, tmp_path / "b", max_steps=8, save_every=4, loss="ce:1,uld:0.5", resume=True))
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
