@@ -309,9 +309,17 @@ def inspect(cache: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("cache")
+@click.option(
+    "--level",
+    type=click.Choice(["checksums", "full"]),
+    default="full",
+    show_default=True,
+    help="checksums: files, markers and checksums only (what train runs before a job); full: also decode and check "
+    "every table, row and alignment record.",
+)
 @user_errors
-def verify(cache: str) -> None:
-    """Check CACHE end to end: schema, checksums, shapes, ids < vocab, sorted logprobs <= 0.
+def verify(cache: str, level: str) -> None:
+    """Check CACHE end to end: schema, checksums, shapes, ids < vocab, sorted logprobs <= 0, alignment stores.
 
     Exits 0 when sound; otherwise prints one line per problem and exits 1. What could not be checked (a
     checksum an older writer did not record) is printed as a note and does not change the exit status.
@@ -319,7 +327,7 @@ def verify(cache: str) -> None:
     from logitcache.storage import verify_cache
 
     notes: list[str] = []
-    problems = verify_cache(cache, notes=notes)
+    problems = verify_cache(cache, level=level, notes=notes)
     for n in notes:
         click.echo(f"note: {n}")
     if problems:

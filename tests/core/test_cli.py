@@ -63,3 +63,13 @@ def test_user_errors_are_one_line(tmp_path, cache):
     assert r.output.startswith("error:") and "no such cache folder" in r.output
     r = run("show", cache, "--sample", 999)
     assert r.exit_code == 2 and "no sample with id 999" in r.output
+
+
+def test_verify_level_option_is_the_one_the_error_messages_name(cache):
+    """train and the loader tell users to run `logitcache verify CACHE --level full|checksums`: it must exist."""
+    for level in ("checksums", "full"):
+        r = CliRunner().invoke(main, ["verify", str(cache), "--level", level])
+        assert r.exit_code == 0, r.output
+        assert r.output.strip().endswith("OK")
+    r = CliRunner().invoke(main, ["verify", str(cache), "--level", "everything"])
+    assert r.exit_code == 2 and "--level" in r.output
