@@ -23,7 +23,9 @@ Numerics: logits are computed in the model's dtype (as ``forward`` does) and upc
 log-softmax over the **full** vocabulary (the width of the logits, which may exceed ``len(tokenizer)``) at
 temperature 1: ``logprob = logit - logsumexp(logits)``. Top-K is ``torch.topk`` (sorted, descending; ties in
 index order of the kernel). The realized token's logprob is gathered from the same float32 logits, so it is
-exact even outside the top-K. Optional ``extra_temperatures`` record ``logsumexp(logits / tau)`` per row.
+exact even outside the top-K. Optional ``extra_temperatures`` record ``logsumexp(logits / tau)`` per row, and
+``logit_moments`` the mean and population standard deviation of the row's float32 logits over the same full width
+(``torch.std_mean``, one extra read of the chunk, before anything overwrites it).
 
 Sampling (``generate_rows``): temperature 0 is greedy (``argmax``, identical to ``generate(do_sample=False)``);
 otherwise logits are divided by the temperature, filtered to the nucleus ``top_p`` (the same rule as
@@ -143,15 +145,25 @@ def _check_head(model: PreTrainedModel, head: Head) -> None:
 
 
 def _rows_from_logits(
-    logits: torch.Tensor, targets: torch.Tensor, k: int, temps: Sequence[float], scratch_ok: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """float32 logits ``[N, V]`` -> (topk ids ``[N, K]``, topk logprobs, target logprobs ``[N]``, extra lse).
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    k: int,
+    temps: Sequence[float],
+    scratch_ok: bool = False,
+    moments: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """float32 logits ``[N, V]`` -> (topk ids ``[N, K]``, topk logprobs, target logprobs ``[N]``, extra lse,
+    ``(mean, std)`` of the logits ``[N]`` each when ``moments``, else None).
 
     ``logsumexp(z / tau) = lse_1 / tau + log(sum(exp((z - lse_1) / tau)))``: every term is <= 1, so no max pass is
     needed, and the passes run in place in one scratch buffer (``logits`` itself for the last temperature when
     ``scratch_ok``: the caller no longer needs them). tau = 1 is ``lse_1``, computed anyway. Against
     ``torch.logsumexp(z / tau)`` this halves the statistics' cost (bench/row_stats.py) for the same value up to
-    float32 rounding (~1e-6 relative)."""
+    float32 rounding (~1e-6 relative). The moments are read first: the last pass may overwrite ``logits``."""
+    mom: tuple[torch.Tensor, torch.Tensor] | None = None
+    if moments:
+        std, mean = torch.std_mean(logits, dim=-1, correction=0)  # population std, as numpy's default
+        mom = (mean, std)
     lse = torch.logsumexp(logits, dim=-1)
     top_v, top_i = torch.topk(logits, k, dim=-1, sorted=True)
     target_lp = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - lse
@@ -169,7 +181,7 @@ def _rows_from_logits(
             buf = scratch
         torch.sub(logits, lse.unsqueeze(1), out=buf)
         extra.append(lse / t + buf.mul_(1.0 / t).exp_().sum(dim=-1).log_())
-    return top_i, top_v - lse.unsqueeze(1), target_lp, extra
+    return top_i, top_v - lse.unsqueeze(1), target_lp, extra, mom
 
 
 def _temps(extra_temperatures: Iterable[float]) -> list[float]:
@@ -187,6 +199,7 @@ def score_rows(
     k: int,
     chunk_positions: int = 256,
     extra_temperatures: Iterable[float] = (),
+    logit_moments: bool = False,
 ) -> list[PositionRows]:
     """Teacher-forced rows for each sequence's loss span ``P-1 .. n-2`` (``n - P`` rows; none when ``P == n``).
 
@@ -208,7 +221,7 @@ def score_rows(
             raise ValueError(f"sequence {i}: token ids outside [0, {vocab})")
     counts = [len(s) - int(p) for s, p in zip(seqs, prompt_lens)]
     if sum(counts) == 0:
-        return [PositionRows.empty(k, tuple(temps)) for _ in seqs]
+        return [PositionRows.empty(k, tuple(temps), logit_moments) for _ in seqs]
 
     device = model.device
     head = logits_head(model)
@@ -235,11 +248,14 @@ def score_rows(
     top_lp = torch.empty((total, k), dtype=torch.float32, device=device)
     tgt_lp = torch.empty(total, dtype=torch.float32, device=device)
     extra = [torch.empty(total, dtype=torch.float32, device=device) for _ in temps]
+    mom = [torch.empty(total, dtype=torch.float32, device=device) for _ in range(2 if logit_moments else 0)]
     for start in range(0, total, chunk_positions):
         stop = min(start + chunk_positions, total)
-        ti, tl, tg, ex = _rows_from_logits(head(hidden[start:stop]), targets[start:stop], k, temps, scratch_ok=True)
+        ti, tl, tg, ex, mo = _rows_from_logits(
+            head(hidden[start:stop]), targets[start:stop], k, temps, scratch_ok=True, moments=logit_moments
+        )
         top_i[start:stop], top_lp[start:stop], tgt_lp[start:stop] = ti, tl, tg
-        for buf, val in zip(extra, ex):
+        for buf, val in zip(extra + mom, ex + list(mo or ())):
             buf[start:stop] = val
 
     all_rows = PositionRows(
@@ -248,11 +264,13 @@ def score_rows(
         target_ids=targets.cpu().numpy(),
         target_logprobs=tgt_lp.cpu().numpy(),
         extra_lse={t: v.cpu().numpy() for t, v in zip(temps, extra)},
+        logit_mean=mom[0].cpu().numpy() if mom else None,
+        logit_std=mom[1].cpu().numpy() if mom else None,
     )
     out: list[PositionRows] = []
     offset = 0
     for c in counts:
-        out.append(all_rows.slice(offset, offset + c) if c else PositionRows.empty(k, tuple(temps)))
+        out.append(all_rows.slice(offset, offset + c) if c else PositionRows.empty(k, tuple(temps), logit_moments))
         offset += c
     return out
 
@@ -294,6 +312,7 @@ def generate_rows(
     eos_ids: Iterable[int] | None = None,
     extra_temperatures: Iterable[float] = (),
     pad_id: int | None = None,
+    logit_moments: bool = False,
 ) -> list[Generated]:
     """Sample a completion per prompt and capture each generated position's row (see the module docstring).
 
@@ -318,7 +337,7 @@ def generate_rows(
         return []
     if max_new_tokens == 0:
         empty = np.zeros(0, np.int32)
-        return [Generated(empty, "length", PositionRows.empty(k, tuple(temps))) for _ in prompts]
+        return [Generated(empty, "length", PositionRows.empty(k, tuple(temps), logit_moments)) for _ in prompts]
 
     device = model.device
     width = max(len(p) for p in prompts)
@@ -337,6 +356,7 @@ def generate_rows(
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     tok_lp = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     extra = [torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device) for _ in temps]
+    mom = [torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device) for _ in range(2 * logit_moments)]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     ones = torch.ones((batch, 1), dtype=mask.dtype, device=device)
@@ -356,9 +376,9 @@ def generate_rows(
         logits = out.logits[:, -1, :].float()
         nxt = _sample(logits, temperature, top_p, generator)
         nxt = torch.where(finished, pad_id, nxt)
-        ti, tl, tg, ex = _rows_from_logits(logits, nxt, k, temps)
+        ti, tl, tg, ex, mo = _rows_from_logits(logits, nxt, k, temps, moments=logit_moments)
         top_i[:, step], top_lp[:, step], tok_lp[:, step], tokens[:, step] = ti, tl, tg, nxt
-        for buf, val in zip(extra, ex):
+        for buf, val in zip(extra + mom, ex + list(mo or ())):
             buf[:, step] = val
         lengths += ~finished
         if eos:
@@ -375,6 +395,7 @@ def generate_rows(
     top_i_np, top_lp_np = top_i[:, :n_steps].cpu().numpy(), top_lp[:, :n_steps].cpu().numpy()
     tok_lp_np = tok_lp[:, :n_steps].cpu().numpy()
     extra_np = [e[:, :n_steps].cpu().numpy() for e in extra]
+    mom_np = [m[:, :n_steps].cpu().numpy() for m in mom]
     eos_set = set(eos)
     results: list[Generated] = []
     for b in range(batch):
@@ -387,6 +408,8 @@ def generate_rows(
             target_ids=completion,
             target_logprobs=tok_lp_np[b, :n],
             extra_lse={t: e[b, :n] for t, e in zip(temps, extra_np)},
+            logit_mean=mom_np[0][b, :n] if mom_np else None,
+            logit_std=mom_np[1][b, :n] if mom_np else None,
         )
         results.append(Generated(completion, reason, rows))
     return results

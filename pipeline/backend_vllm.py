@@ -20,8 +20,9 @@ How vLLM (0.32) reports logprobs, which the conversion here relies on (read from
   ``row_stats=False`` that is vLLM's ``logprobs_mode="raw_logprobs"``. By default (``row_stats=True``) the engine
   runs in ``raw_logits`` mode with the worker extension of :mod:`.vllm_row_stats`, whose hook computes the same
   ``log_softmax`` itself plus the requested row statistics (``logsumexp(logits / tau)`` over the full vocabulary,
-  ``extra_temperatures``) and splices them in as ``T`` extra entries after the realized token (token id -1); the
-  engine's ``max_logprobs`` is ``max_logprobs + 8`` to make room. Design and evidence: docs/vllm_row_stats.md.
+  ``extra_temperatures``; with ``logit_moments`` also the logits' ``mean`` and population ``std``, two more columns)
+  and splices them in as ``T`` extra entries after the realized token (token id -1); the engine's
+  ``max_logprobs`` is ``max_logprobs + 8`` to make room. Design and evidence: docs/vllm_row_stats.md.
 - Per position the sampler returns ``K + 1`` entries: first the realized token (the sampled token in generate
   mode, the next prompt token for prompt logprobs) with its true rank (``#{v : logprob_v >= logprob_target}``,
   >= 1), then ``torch.topk``'s K entries (sorted descending) with ranks ``1..K``. With ``flat_logprobs=True``
@@ -123,13 +124,14 @@ def flat_to_rows(
     k: int,
     expected_targets: np.ndarray | None = None,
     temperatures: Sequence[float] = (),
+    moments: bool = False,
 ) -> PositionRows:
     """Positions ``first ..`` of a vLLM ``FlatLogprobs`` as :class:`PositionRows` (vectorized, see module doc).
 
     Each position must hold ``1 + T + k`` entries: the realized token, ``T = len(temperatures)`` row statistics
     ``logsumexp(logits / tau)`` (token id :data:`~logitcache.pipeline.vllm_row_stats.SENTINEL`, spliced in by the
-    engine hook), then the top-k. ``expected_targets`` (the tokens the positions are known to predict) is checked
-    against column 0.
+    engine hook; with ``moments`` two more, the logits' ``mean`` and ``std``, so ``T = len(temperatures) + 2``), then
+    the top-k. ``expected_targets`` (the tokens the positions are known to predict) is checked against column 0.
     """
     if type(flat).__name__ != "FlatLogprobs":
         raise TypeError(f"expected vllm FlatLogprobs (SamplingParams(flat_logprobs=True)), got {type(flat).__name__}")
@@ -137,9 +139,9 @@ def flat_to_rows(
     ends = np.asarray(flat.end_indices[first:], dtype=np.int64)
     n = int(starts.shape[0])
     temps = tuple(float(t) for t in temperatures)
-    t = len(temps)
+    t = len(temps) + (2 if moments else 0)
     if n == 0:
-        return PositionRows.empty(k, temps)
+        return PositionRows.empty(k, temps, moments)
     width = k + 1 + t
     if not (np.all(ends - starts == width) and np.all(starts[1:] == ends[:-1])):
         bad = np.unique(ends - starts).tolist()
@@ -157,6 +159,7 @@ def flat_to_rows(
             "in this engine (see pipeline/vllm_row_stats.py)"
         )
     extra = {tau: lps[:, 1 + i] for i, tau in enumerate(temps)}
+    mean, std = (lps[:, 1 + len(temps)], lps[:, 2 + len(temps)]) if moments else (None, None)
     top_ids, top_lp = ids[:, 1 + t :], lps[:, 1 + t :]
     if n and np.any(np.diff(top_lp, axis=1) > 0):  # torch.topk(sorted=True) already sorts; be safe anyway
         order = np.argsort(-top_lp, axis=1, kind="stable")
@@ -165,7 +168,13 @@ def flat_to_rows(
     if expected_targets is not None and not np.array_equal(target_ids, np.asarray(expected_targets).reshape(-1)):
         raise RuntimeError("vLLM returned logprobs for other tokens than the sequence's; refusing to cache them")
     return PositionRows(
-        topk_ids=top_ids, topk_logprobs=top_lp, target_ids=target_ids, target_logprobs=target_lp, extra_lse=extra
+        topk_ids=top_ids,
+        topk_logprobs=top_lp,
+        target_ids=target_ids,
+        target_logprobs=target_lp,
+        extra_lse=extra,
+        logit_mean=mean,
+        logit_std=std,
     )
 
 
@@ -234,9 +243,10 @@ class VllmBackend:
         self.dtype = str(config.dtype).removeprefix("torch.")
         self.eos_ids = self._default_eos_ids()
         self._temps: tuple[float, ...] = ()
+        self._moments = False
         self.runner = "unknown"
         if self.row_stats:
-            self.runner = self._set_row_stats(())
+            self.runner = self._set_row_stats((), False)
 
     # -------------------------------------------------------------------------------------------- lifecycle
 
@@ -285,23 +295,27 @@ class VllmBackend:
             tokenizer = None
         return end_token_ids(tokenizer, self.folder)
 
-    def _set_row_stats(self, temps: tuple[float, ...]) -> str:
-        """Tell the engine's worker(s) which statistics every position carries from now on; returns the runner."""
-        kinds = self._engine().collective_rpc("logitcache_row_stats", args=([f"lse:{t!r}" for t in temps],))
-        self._temps = temps
+    def _set_row_stats(self, temps: tuple[float, ...], moments: bool = False) -> str:
+        """Tell the engine's worker(s) which statistics every position carries from now on; returns the runner.
+
+        The column order is the one :func:`flat_to_rows` reads: ``lse`` per temperature, then ``mean``, ``std``."""
+        specs = [f"lse:{t!r}" for t in temps] + (["mean", "std"] if moments else [])
+        kinds = self._engine().collective_rpc("logitcache_row_stats", args=(specs,))
+        self._temps, self._moments = temps, moments
         return str(kinds[0]) if kinds else "unknown"
 
-    def _temperatures(self, extra_temperatures: Iterable[float]) -> tuple[float, ...]:
-        """Validated, de-duplicated temperatures; switches the engine hook to them when they change."""
+    def _temperatures(self, extra_temperatures: Iterable[float], moments: bool = False) -> tuple[float, ...]:
+        """Validated, de-duplicated temperatures; switches the engine hook to them (and ``moments``) on a change."""
         temps = tuple(dict.fromkeys(float(t) for t in extra_temperatures))
         if any(not (np.isfinite(t) and t > 0) for t in temps):
             raise ConfigError(f"--extra-temperatures must be finite and > 0, got {list(temps)}")
-        if temps and not self.row_stats:
-            raise ValueError("this VllmBackend was built with row_stats=False: it cannot record extra temperatures")
-        if len(temps) > MAX_STATS:
-            raise ConfigError(f"--extra-temperatures: the vllm backend records at most {MAX_STATS}, got {len(temps)}")
-        if temps != self._temps:
-            self._set_row_stats(temps)
+        if (temps or moments) and not self.row_stats:
+            raise ValueError("this VllmBackend was built with row_stats=False: it cannot record row statistics")
+        most = MAX_STATS - (2 if moments else 0)  # the moments take two of the reserved slots
+        if len(temps) > most:
+            raise ConfigError(f"--extra-temperatures: the vllm backend records at most {most}, got {len(temps)}")
+        if temps != self._temps or bool(moments) != self._moments:
+            self._set_row_stats(temps, bool(moments))
         return temps
 
     def _check_ids(self, what: str, i: int, ids: np.ndarray) -> None:
@@ -316,6 +330,7 @@ class VllmBackend:
         prompt_lens: Sequence[int],
         k: int,
         extra_temperatures: Iterable[float] = (),
+        logit_moments: bool = False,
     ) -> list[PositionRows]:
         """Teacher-forced rows for each sequence's loss span ``P-1 .. n-2`` (as ``capture.score_rows``)."""
         from vllm import SamplingParams
@@ -324,7 +339,8 @@ class VllmBackend:
         if len(token_ids_batch) != len(prompt_lens):
             raise ValueError(f"{len(token_ids_batch)} sequences but {len(prompt_lens)} prompt lengths")
         _check_top_k(k, self.vocab_size, self.max_logprobs)
-        temps = self._temperatures(extra_temperatures)
+        temps = self._temperatures(extra_temperatures, logit_moments)
+        nstats = len(temps) + (2 if logit_moments else 0)
         seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in token_ids_batch]
         for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
             if not (1 <= p <= len(s) or p == len(s) == 0):
@@ -335,12 +351,12 @@ class VllmBackend:
                     f"sequence {i} has {len(s)} tokens; the vllm engine's max_model_len {self.max_model_len} "
                     "must exceed it (raise --max-model-len)"
                 )
-        out = [PositionRows.empty(k, temps) for _ in seqs]
+        out = [PositionRows.empty(k, temps, logit_moments) for _ in seqs]
         live = [i for i, (s, p) in enumerate(zip(seqs, prompt_lens)) if len(s) - int(p) > 0]
         if not live:
             return out
         params = SamplingParams(
-            max_tokens=1, temperature=0.0, prompt_logprobs=int(k) + len(temps), flat_logprobs=True, detokenize=False
+            max_tokens=1, temperature=0.0, prompt_logprobs=int(k) + nstats, flat_logprobs=True, detokenize=False
         )
         prompts = [TokensPrompt(prompt_token_ids=seqs[i].tolist()) for i in live]
         results = self._engine().generate(prompts, params, use_tqdm=False)
@@ -349,7 +365,9 @@ class VllmBackend:
             if res.prompt_logprobs is None or len(res.prompt_logprobs) != len(seqs[i]):
                 got = None if res.prompt_logprobs is None else len(res.prompt_logprobs)
                 raise RuntimeError(f"sequence {i}: vLLM returned {got} prompt logprob positions for {len(seqs[i])}")
-            out[i] = flat_to_rows(res.prompt_logprobs, p, k, expected_targets=seqs[i][p:], temperatures=temps)
+            out[i] = flat_to_rows(
+                res.prompt_logprobs, p, k, expected_targets=seqs[i][p:], temperatures=temps, moments=logit_moments
+            )
         return out
 
     # --------------------------------------------------------------------------------------------- generate
@@ -364,6 +382,7 @@ class VllmBackend:
         seed: int | Sequence[int] = 0,
         eos_ids: Iterable[int] | None = None,
         extra_temperatures: Iterable[float] = (),
+        logit_moments: bool = False,
     ) -> list[Any]:
         """Sample a completion per prompt and capture each generated position's row.
 
@@ -376,7 +395,8 @@ class VllmBackend:
         from logitcache.pipeline.backend_hf import Generated, check_sampling
 
         _check_top_k(k, self.vocab_size, self.max_logprobs)
-        temps = self._temperatures(extra_temperatures)
+        temps = self._temperatures(extra_temperatures, logit_moments)
+        nstats = len(temps) + (2 if logit_moments else 0)
         check_sampling(max_new_tokens, temperature, top_p)
         prompts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompt_ids_batch]
         for i, p in enumerate(prompts):
@@ -393,14 +413,16 @@ class VllmBackend:
         if not prompts:
             return []
         if max_new_tokens == 0:
-            return [Generated(np.zeros(0, np.int32), "length", PositionRows.empty(k, temps)) for _ in prompts]
+            return [
+                Generated(np.zeros(0, np.int32), "length", PositionRows.empty(k, temps, logit_moments)) for _ in prompts
+            ]
         params = [
             SamplingParams(
                 max_tokens=int(max_new_tokens),
                 temperature=float(temperature),
                 top_p=float(top_p),
                 seed=s,
-                logprobs=int(k) + len(temps),
+                logprobs=int(k) + nstats,
                 flat_logprobs=True,
                 detokenize=False,
                 ignore_eos=True,  # stop on exactly `eos`, via stop_token_ids
@@ -418,7 +440,9 @@ class VllmBackend:
             if comp.finish_reason not in ("stop", "length"):
                 raise RuntimeError(f"prompt {i}: vLLM finished with {comp.finish_reason!r}")
             completion = np.asarray(comp.token_ids, dtype=np.int32)
-            rows = flat_to_rows(comp.logprobs, 0, k, expected_targets=completion, temperatures=temps)
+            rows = flat_to_rows(
+                comp.logprobs, 0, k, expected_targets=completion, temperatures=temps, moments=logit_moments
+            )
             reason = "stop" if len(completion) and int(completion[-1]) in eos_set else "length"
             generated.append(Generated(completion, reason, rows))
         return generated

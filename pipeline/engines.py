@@ -52,6 +52,7 @@ class HfEngine:
                 self.cfg.top_k,
                 chunk_positions=self.cfg.chunk_positions,
                 extra_temperatures=self.cfg.extra_temperatures,
+                logit_moments=self.cfg.logit_moments,
             )
 
     def generate(self, prompt_ids: list[np.ndarray], seed: int) -> list[tuple[np.ndarray, str, PositionRows]]:
@@ -70,6 +71,7 @@ class HfEngine:
                 top_p=self.cfg.top_p,
                 seed=seed,
                 extra_temperatures=self.cfg.extra_temperatures,
+                logit_moments=self.cfg.logit_moments,
             )
         return [(g.completion_ids, g.finish_reason, g.rows) for g in out]
 
@@ -97,7 +99,7 @@ class VllmEngine:
             max_model_len=cfg.max_length,
             max_logprobs=cfg.max_logprobs or cfg.top_k,
             seed=cfg.seed,
-            row_stats=bool(cfg.extra_temperatures),  # --no-row-stats: the plain engine, no hook
+            row_stats=bool(cfg.extra_temperatures) or cfg.logit_moments,  # --no-row-stats: the plain engine, no hook
             **kwargs,
         )
         self.cfg = cfg
@@ -106,12 +108,14 @@ class VllmEngine:
 
     def score(self, token_ids: list[np.ndarray], prompt_lens: list[int]) -> list[PositionRows]:
         temps = self.cfg.extra_temperatures
-        return self.backend.score(token_ids, prompt_lens, self.cfg.top_k, extra_temperatures=temps)
+        return self.backend.score(
+            token_ids, prompt_lens, self.cfg.top_k, extra_temperatures=temps, logit_moments=self.cfg.logit_moments
+        )
 
     def generate(self, prompt_ids: list[np.ndarray], seed: int) -> list[tuple[np.ndarray, str, PositionRows]]:
         out = self.backend.generate(
             prompt_ids, self.cfg.top_k, self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p, seed,
-            extra_temperatures=self.cfg.extra_temperatures,
+            extra_temperatures=self.cfg.extra_temperatures, logit_moments=self.cfg.logit_moments,
         )
         return [(g.completion_ids, g.finish_reason, g.rows) for g in out]
 

@@ -70,6 +70,11 @@ class GenerateConfig:
     row_stats: bool = option(
         True, "Record the --extra-temperatures statistics; --no-row-stats records none (a v1-style cache)."
     )
+    logit_moments: bool = option(
+        False,
+        "Row statistics: also store the mean and (population) std of each position's raw float32 logits over the "
+        "full vocabulary width (8 bytes/position; the released MultiLevelOT code normalises logits by their std).",
+    )
     shard_size: int = option(256, "Samples per cache shard (the unit of work, atomicity and resume).")
     num_shards: int = option(1, "Job arrays: number of tasks splitting the shards.")
     shard_index: int = option(0, "Job arrays: this task's index in [0, --num-shards).")
@@ -113,6 +118,11 @@ class GenerateConfig:
         check(self.max_length is None or self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
         bad = [t for t in self.extra_temperatures if not (math.isfinite(float(t)) and float(t) > 0)]
         check(not bad, "extra_temperatures", f"temperatures must be finite and > 0, got {bad[0] if bad else ''}")
+        check(
+            self.row_stats or not self.logit_moments,
+            "logit_moments",
+            "--logit-moments is a row statistic and --no-row-stats records none; drop one of the two flags",
+        )
         if not self.row_stats:
             self.extra_temperatures = []
         elif self.extra_temperatures:
@@ -154,6 +164,8 @@ class GenerateConfig:
             "on_sample_error",
             "row_stats",  # implied by extra_temperatures (kept out so caches made before the flag resume)
         }
+        if not self.logit_moments:
+            skip.add("logit_moments")  # only when on: caches made before the flag keep their identity
         out = {k: v for k, v in to_dict(self).items() if k not in skip}
         out["dtype"] = self.resolved_dtype()  # --dtype auto and the dtype it picks make the same cache
         return out

@@ -184,6 +184,8 @@ def build_header(cfg: GenerateConfig, tokenizer: Any, vocab_size: int) -> CacheH
             "extra_temperatures",
         )
     }
+    if cfg.logit_moments:  # only when on, so caches made before the flag resume
+        capture["logit_moments"] = True
     from logitcache.models import end_token_ids, resolve_model
 
     template = resolve_chat_template(tokenizer, cfg.chat_template)
@@ -198,6 +200,7 @@ def build_header(cfg: GenerateConfig, tokenizer: Any, vocab_size: int) -> CacheH
         logprob_codec={"name": cfg.logprob_codec},
         positions={"name": cfg.positions_backend},
         extra_temperatures=list(cfg.extra_temperatures),
+        logit_moments=bool(cfg.logit_moments),
         num_shards=len(shard_ranges(num_samples, cfg.shard_size)),
         metadata={
             "teacher": teacher,

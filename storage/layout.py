@@ -10,6 +10,8 @@ field                 stored as                  decoded
 ``target_ids``        ``target_ids`` int32       int32 ``[n]``
 ``target_logprobs``   ``target_logprobs`` f32    float32 ``[n]`` (exact, never quantized)
 ``lse@<tau>``         ``lse@<tau>`` float32      float32 ``[n]`` per extra temperature
+``logit_mean``        ``logit_mean`` float32     float32 ``[n]`` (only with ``logit_moments``)
+``logit_std``         ``logit_std`` float32      float32 ``[n]`` (only with ``logit_moments``)
 ====================  =========================  ==========================================
 
 The sequence table is one Parquet file per shard, one row per sequence, in the order the sequences were
@@ -49,7 +51,7 @@ def lse_name(tau: float) -> str:
 
 
 def encode_rows(
-    rows: PositionRows, id_codec: IdCodec, lp_codec: LogprobCodec, temperatures: list[float]
+    rows: PositionRows, id_codec: IdCodec, lp_codec: LogprobCodec, temperatures: list[float], moments: bool = False
 ) -> dict[str, np.ndarray]:
     parts: dict[str, np.ndarray] = {}
     for name, arr in id_codec.encode(rows.topk_ids).items():
@@ -60,11 +62,20 @@ def encode_rows(
     parts["target_logprobs"] = rows.target_logprobs
     for tau in temperatures:
         parts[lse_name(tau)] = rows.extra_lse[float(tau)]
+    if moments:
+        if rows.logit_mean is None or rows.logit_std is None:
+            raise ValueError("the cache records logit moments but these rows carry none")
+        parts["logit_mean"], parts["logit_std"] = rows.logit_mean, rows.logit_std
     return parts
 
 
 def decode_rows(
-    parts: dict[str, np.ndarray], id_codec: IdCodec, lp_codec: LogprobCodec, temperatures: list[float], k: int
+    parts: dict[str, np.ndarray],
+    id_codec: IdCodec,
+    lp_codec: LogprobCodec,
+    temperatures: list[float],
+    k: int,
+    moments: bool = False,
 ) -> PositionRows:
     def sub(prefix: str) -> dict[str, np.ndarray]:
         return {name[len(prefix) + 1 :]: a for name, a in parts.items() if name.startswith(prefix + ".")}
@@ -75,6 +86,8 @@ def decode_rows(
         target_ids=parts["target_ids"],
         target_logprobs=parts["target_logprobs"],
         extra_lse={float(t): parts[lse_name(t)] for t in temperatures},
+        logit_mean=parts["logit_mean"] if moments else None,
+        logit_std=parts["logit_std"] if moments else None,
     )
 
 

@@ -48,7 +48,9 @@ class CacheHeader:
 
     ``top_k``/``vocab_size`` describe the rows; ``id_codec``/``logprob_codec`` are codec configs
     (``storage.codecs``); ``positions`` names the position backend and its options; ``extra_temperatures``
-    lists the taus whose ``logsumexp(logits / tau)`` is stored. ``metadata`` is free-form and filled by stage
+    lists the taus whose ``logsumexp(logits / tau)`` is stored; ``logit_moments`` says whether every position also
+    stores its logits' mean and std (``logit_mean``/``logit_std``; the key is written only when true, so caches
+    without them keep the header, and the fingerprint, they always had). ``metadata`` is free-form and filled by stage
     one: ``teacher`` (model id, weight hash, vocab size, tokenizer fingerprint, chat-template hash), ``capture``
     (mode, K, sampling parameters, seed, max tokens), ``input`` (dataset fingerprint), ``config`` (the resolved
     stage config) and ``runtime`` (backend and library versions; not part of the identity).
@@ -60,6 +62,7 @@ class CacheHeader:
     logprob_codec: dict[str, Any] = field(default_factory=lambda: {"name": "fp16"})
     positions: dict[str, Any] = field(default_factory=lambda: {"name": "zarr"})
     extra_temperatures: list[float] = field(default_factory=list)
+    logit_moments: bool = False
     num_shards: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -75,7 +78,10 @@ class CacheHeader:
             raise ValueError(f"extra temperatures must be > 0, got {self.extra_temperatures}")
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
+        d = json.loads(json.dumps(asdict(self)))
+        if not self.logit_moments:
+            del d["logit_moments"]  # absent = none: headers (and fingerprints) of caches without them are unchanged
+        return d
 
     @staticmethod
     def from_dict(d: dict[str, Any], source: str = "cache.json") -> CacheHeader:
@@ -87,6 +93,7 @@ class CacheHeader:
                 logprob_codec=dict(d["logprob_codec"]),
                 positions=dict(d["positions"]),
                 extra_temperatures=list(d.get("extra_temperatures", [])),
+                logit_moments=_flag(d.get("logit_moments", False), "logit_moments"),
                 num_shards=d.get("num_shards"),
                 metadata=dict(d.get("metadata", {})),
             )
@@ -105,6 +112,12 @@ class CacheHeader:
     def differences(self, other: CacheHeader) -> list[str]:
         """Dotted paths of identity fields that differ (for 'refuse unless --overwrite' messages)."""
         return _diff(self.identity(), other.identity(), "")
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[str]:

@@ -173,7 +173,8 @@ class LogitCache:
         """Decoded rows ``[start, stop)`` of shard ``index``'s position arrays."""
         reader = self.position_reader(index)
         parts = reader.read(list(self.part_specs(index)), start, stop)
-        return decode_rows(parts, self.id_codec, self.lp_codec, self.header.extra_temperatures, self.top_k)
+        h = self.header
+        return decode_rows(parts, self.id_codec, self.lp_codec, h.extra_temperatures, self.top_k, h.logit_moments)
 
     def iter_rows(self, index: int, block_rows: int = 65536) -> Iterator[PositionRows]:
         """Stream shard ``index``'s rows in blocks (the sequential fast path)."""

@@ -29,6 +29,9 @@ class PositionRows:
     over the full vocabulary), sorted by descending logprob. ``target_ids``/``target_logprobs`` are ``[n]``: the
     realized next token and its logprob, even when outside the top-K. ``extra_lse`` maps a temperature tau to
     ``[n]`` values of ``logsumexp(logits / tau)`` (only backends that see full logits can record it).
+    ``logit_mean``/``logit_std`` (both or neither, float32 ``[n]``) are the mean and population standard
+    deviation of the raw float32 logits over the full vocabulary width (``--logit-moments``; None when not
+    recorded).
     """
 
     topk_ids: np.ndarray
@@ -36,6 +39,8 @@ class PositionRows:
     target_ids: np.ndarray
     target_logprobs: np.ndarray
     extra_lse: dict[float, np.ndarray] = field(default_factory=dict)
+    logit_mean: np.ndarray | None = None
+    logit_std: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.topk_ids = np.ascontiguousarray(self.topk_ids, dtype=np.int32)
@@ -56,6 +61,19 @@ class PositionRows:
         for t, v in self.extra_lse.items():
             if v.shape[0] != n:
                 raise ValueError(f"PositionRows: extra_lse[{t}] has {v.shape[0]} rows, expected {n}")
+        if (self.logit_mean is None) != (self.logit_std is None):
+            raise ValueError("PositionRows: logit_mean and logit_std come together (both or neither)")
+        if self.logit_mean is not None and self.logit_std is not None:
+            self.logit_mean = np.ascontiguousarray(self.logit_mean, dtype=np.float32).reshape(-1)
+            self.logit_std = np.ascontiguousarray(self.logit_std, dtype=np.float32).reshape(-1)
+            for name, v in (("logit_mean", self.logit_mean), ("logit_std", self.logit_std)):
+                if v.shape[0] != n:
+                    raise ValueError(f"PositionRows: {name} has {v.shape[0]} rows, expected {n}")
+
+    @property
+    def has_moments(self) -> bool:
+        """Whether the rows carry ``logit_mean``/``logit_std``."""
+        return self.logit_mean is not None
 
     @property
     def n(self) -> int:
@@ -71,13 +89,16 @@ class PositionRows:
         return np.clip(1.0 - mass, 0.0, 1.0).astype(np.float32)
 
     @staticmethod
-    def empty(k: int, temperatures: tuple[float, ...] = ()) -> PositionRows:
+    def empty(k: int, temperatures: tuple[float, ...] = (), moments: bool = False) -> PositionRows:
+        z = np.zeros(0, np.float32) if moments else None
         return PositionRows(
             topk_ids=np.zeros((0, k), np.int32),
             topk_logprobs=np.zeros((0, k), np.float32),
             target_ids=np.zeros(0, np.int32),
             target_logprobs=np.zeros(0, np.float32),
             extra_lse={t: np.zeros(0, np.float32) for t in temperatures},
+            logit_mean=z,
+            logit_std=z,
         )
 
     @staticmethod
@@ -85,12 +106,17 @@ class PositionRows:
         if not parts:
             return PositionRows.empty(k)
         temps = sorted(parts[0].extra_lse)
+        moments = parts[0].has_moments
+        if any(p.has_moments != moments for p in parts):
+            raise ValueError("PositionRows.concat: some parts carry logit moments and others do not")
         return PositionRows(
             topk_ids=np.concatenate([p.topk_ids for p in parts]),
             topk_logprobs=np.concatenate([p.topk_logprobs for p in parts]),
             target_ids=np.concatenate([p.target_ids for p in parts]),
             target_logprobs=np.concatenate([p.target_logprobs for p in parts]),
             extra_lse={t: np.concatenate([p.extra_lse[t] for p in parts]) for t in temps},
+            logit_mean=np.concatenate([p.logit_mean for p in parts]) if moments else None,  # type: ignore[misc]
+            logit_std=np.concatenate([p.logit_std for p in parts]) if moments else None,  # type: ignore[misc]
         )
 
     def slice(self, start: int, stop: int) -> PositionRows:
@@ -100,6 +126,8 @@ class PositionRows:
             target_ids=self.target_ids[start:stop],
             target_logprobs=self.target_logprobs[start:stop],
             extra_lse={t: v[start:stop] for t, v in self.extra_lse.items()},
+            logit_mean=None if self.logit_mean is None else self.logit_mean[start:stop],
+            logit_std=None if self.logit_std is None else self.logit_std[start:stop],
         )
 
 

@@ -272,7 +272,8 @@ def describe_cache(cache: LogitCache) -> dict[str, Any]:
         "vocab_size": cache.vocab_size,
         "extra_temperatures": cache.header.extra_temperatures,
         # row statistics recorded per position, exact over the full vocabulary (docs/format.md); none in v1 caches
-        "row_statistics": [f"lse@{t:g}" for t in cache.header.extra_temperatures],
+        "row_statistics": [f"lse@{t:g}" for t in cache.header.extra_temperatures]
+        + (["logit_mean", "logit_std"] if cache.header.logit_moments else []),
         "codecs": {"ids": cache.header.id_codec, "logprobs": cache.header.logprob_codec},
         "positions_backend": cache.header.positions,
         "shards": len(cache.shards),

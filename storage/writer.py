@@ -199,14 +199,22 @@ class CacheWriter:
                     f"sample {r.sample_id}: extra temperatures {sorted(r.rows.extra_lse)} != the cache's "
                     f"{self.header.extra_temperatures}"
                 )
+            if r.rows.has_moments != self.header.logit_moments:
+                have = "carry" if r.rows.has_moments else "lack"
+                raise ValueError(
+                    f"sample {r.sample_id}: rows {have} logit moments, the cache's logit_moments is "
+                    f"{self.header.logit_moments}"
+                )
             if r.rows.n and (int(r.rows.topk_ids.max()) >= self.header.vocab_size or int(r.rows.topk_ids.min()) < 0):
                 raise ValueError(f"sample {r.sample_id}: a top-k id is outside [0, {self.header.vocab_size})")
         rows = (
             PositionRows.concat([r.rows for r in records], k)
             if records
-            else PositionRows.empty(k, tuple(self.header.extra_temperatures))
+            else PositionRows.empty(k, tuple(self.header.extra_temperatures), self.header.logit_moments)
         )
-        parts = encode_rows(rows, self.id_codec, self.lp_codec, self.header.extra_temperatures)
+        parts = encode_rows(
+            rows, self.id_codec, self.lp_codec, self.header.extra_temperatures, self.header.logit_moments
+        )
 
         def fill(scratch: str) -> dict[str, Any]:
             self.backend.write(parts, scratch)

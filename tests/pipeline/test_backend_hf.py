@@ -278,3 +278,46 @@ def test_smollm2_scores_and_generates() -> None:
     assert gen.finish_reason in ("stop", "length") and gen.rows.n == len(gen.completion_ids) > 0
     (rescored,) = score_rows(model, [np.concatenate([prompt_ids, gen.completion_ids])], [plen], k=20)
     np.testing.assert_allclose(gen.rows.target_logprobs, rescored.target_logprobs, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ logit moments
+
+
+def test_logit_moments_match_dense_logits(model: PreTrainedModel, tok: Tok, seqs: list[np.ndarray]) -> None:
+    """Mean and population std over the full logits width (padded ids included), in every chunking, with lse."""
+    plens = _prompt_lens(seqs)
+    width = vocab_width(model)
+    assert width == len(tok) + 16  # the padded ids are part of the reduction, as of the softmax
+    for chunk in (1, 5, 10_000):  # chunk 5 with two temperatures: the last lse pass reuses the logits buffer
+        rows = score_rows(model, seqs, plens, k=K, chunk_positions=chunk, extra_temperatures=(0.5, 2.0),
+                          logit_moments=True)
+        for s, p, r in zip(seqs, plens, rows):
+            with torch.no_grad():
+                logits = model(torch.as_tensor(s)[None]).logits[0, p - 1 : len(s) - 1].double().numpy()
+            assert logits.shape == (r.n, width)
+            assert r.logit_mean is not None and r.logit_std is not None and r.logit_mean.dtype == np.float32
+            np.testing.assert_allclose(r.logit_mean, logits.mean(-1), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(r.logit_std, logits.std(-1), atol=1e-5, rtol=1e-5)
+            assert np.all(r.logit_std > 0)
+            np.testing.assert_allclose(r.extra_lse[2.0], np.log(np.exp(logits / 2).sum(-1)), atol=1e-4)
+    plain = score_rows(model, seqs, plens, k=K)
+    assert all(r.logit_mean is None for r in plain)
+    empty = score_rows(model, [seqs[0]], [len(seqs[0])], k=K, logit_moments=True)[0]
+    assert empty.n == 0 and empty.logit_mean is not None and empty.logit_mean.shape == (0,)
+
+
+def test_generated_logit_moments_equal_scoring_the_result(
+    model: PreTrainedModel, tok: Tok, seqs: list[np.ndarray]
+) -> None:
+    prompts = [s[: max(2, len(s) // 2)] for s in seqs]
+    got = generate_rows(model, tok, prompts, k=K, max_new_tokens=10, temperature=1.0, seed=3,
+                        extra_temperatures=(2.0,), logit_moments=True)
+    full = [np.concatenate([p, g.completion_ids]) for p, g in zip(prompts, got)]
+    scored = score_rows(model, full, [len(p) for p in prompts], k=K, logit_moments=True)
+    assert sum(g.rows.n for g in got) > 0
+    for g, s in zip(got, scored):
+        assert g.rows.logit_mean is not None and g.rows.logit_mean.shape == (g.rows.n,)
+        np.testing.assert_allclose(g.rows.logit_mean, s.logit_mean, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(g.rows.logit_std, s.logit_std, atol=1e-4, rtol=1e-5)
+    none = generate_rows(model, tok, prompts[:1], k=K, max_new_tokens=0, logit_moments=True)
+    assert none[0].rows.logit_std is not None and none[0].rows.n == 0
