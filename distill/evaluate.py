@@ -12,7 +12,7 @@ there is none). The answer is scored against the reference with:
 - ``token_f1`` / ``exact_match``: SQuAD-style (lowercase, drop punctuation and the articles a/an/the, split on
   whitespace; F1 of the bag-of-tokens overlap), the usual extractive-QA metrics.
 - ``perplexity``: of the reference (plus the token that ends the model's turn) under the model, teacher-forced
-  after the rendered prompt, tokenized as stage one does (``encode_prompt_completion``: the reference starts at a
+  after the rendered prompt, tokenized as stage one does (``prompts.encode_rendered``: the reference starts at a
   token boundary). The end token is the one stage one's ``--score-eos`` appends (`prompts.score_end_token`): what
   the chat template closes an assistant turn with (``<|im_end|>``), else the tokenizer's EOS.
   Per sample ``exp(mean NLL)``; the aggregate is corpus-level, ``exp`` of the token-weighted mean NLL (``nll``),

@@ -15,9 +15,15 @@ is tokenized as plain text. The completion always is (`encode_prompt_completion`
 contents that hold such text are cut out and tokenized with special-token parsing off, so the template's own
 markers stay control tokens and every other prompt tokenizes exactly as the model's chat server would (one
 piece). Such samples are counted (``special_token_text_in_prompt`` / ``_in_completion``) and warned about once.
+Their spans come from a second render with placeholders in their place (`special_text_spans`), not a text search
+(which mistakes a content starting with ``<|im_end|>`` for the template's marker); a template that rewrites such
+content is a sample error (`PromptSpanError`, ``--on-sample-error``), never a guessed span.
 
-Generate (``pipeline``), align (``pipeline``) and eval (``distill``) all render through here, so a prompt means
-the same text everywhere.
+``--overlong truncate`` (`truncate`) cuts the completion at the last token boundary that starts a character: a
+byte-level BPE token may start inside an emoji, and the cached completion must stay text.
+
+Generate (``pipeline``), align (``pipeline``) and eval (``distill``) all render and tokenize through here
+(`encode_rendered`), so a prompt means the same text and the same ids everywhere.
 """
 
 from __future__ import annotations
