@@ -12,7 +12,7 @@ there is none). The answer is scored against the reference with:
 - ``token_f1`` / ``exact_match``: SQuAD-style (lowercase, drop punctuation and the articles a/an/the, split on
   whitespace; F1 of the bag-of-tokens overlap), the usual extractive-QA metrics.
 - ``perplexity``: of the reference (plus the token that ends the model's turn) under the model, teacher-forced
-  after the rendered prompt, tokenized as stage one does (``encode_prompt_completion``: the reference starts at a
+  after the rendered prompt, tokenized as stage one does (``prompts.encode_rendered``: the reference starts at a
   token boundary). The end token is the one stage one's ``--score-eos`` appends (`prompts.score_end_token`): what
   the chat template closes an assistant turn with (``<|im_end|>``), else the tokenizer's EOS.
   Per sample ``exp(mean NLL)``; the aggregate is corpus-level, ``exp`` of the token-weighted mean NLL (``nll``),
@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from logitcache.config import ConfigError
 from logitcache.inputs import InputError, InputRecord, read_inputs
-from logitcache.prompts import input_messages, render_messages, resolve_chat_template, score_end_token
+from logitcache.prompts import encode_rendered, input_messages, render_messages, resolve_chat_template, score_end_token
 
 from .eval_config import EvalConfig
 
@@ -231,7 +231,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         model_context,
         pad_token_id,
     )
-    from logitcache.tokenization import encode_prompt_completion
 
     t0 = time.perf_counter()
     try:
@@ -256,13 +255,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     for rec in records:
         messages = input_messages(rec, cfg.system_prompt if template is not None else None)
         prompt = render_messages(tokenizer, messages, template, rec.sample_id)
-        ids, _, plen = encode_prompt_completion(
-            tokenizer,
-            prompt,
-            rec.response or "",
-            prompt_special_tokens=False if template else None,
-            sample=rec.sample_id,
-        )
+        ids, _, plen, _ = encode_rendered(tokenizer, prompt, messages, template, rec.response or "", rec.sample_id)
         if end is not None:
             ids = np.append(ids, np.int32(end["id"]))
         if plen + 1 >= context:

@@ -15,15 +15,22 @@ is tokenized as plain text. The completion always is (`encode_prompt_completion`
 contents that hold such text are cut out and tokenized with special-token parsing off, so the template's own
 markers stay control tokens and every other prompt tokenizes exactly as the model's chat server would (one
 piece). Such samples are counted (``special_token_text_in_prompt`` / ``_in_completion``) and warned about once.
+Their spans come from a second render with placeholders in their place (`special_text_spans`), not a text search
+(which mistakes a content starting with ``<|im_end|>`` for the template's marker); a template that rewrites such
+content is a sample error (`PromptSpanError`, ``--on-sample-error``), never a guessed span.
 
-Generate (``pipeline``), align (``pipeline``) and eval (``distill``) all render through here, so a prompt means
-the same text everywhere.
+``--overlong truncate`` (`truncate`) cuts the completion at the last token boundary that starts a character: a
+byte-level BPE token may start inside an emoji, and the cached completion must stay text.
+
+Generate (``pipeline``), align (``pipeline``) and eval (``distill``) all render and tokenize through here
+(`encode_rendered`), so a prompt means the same text and the same ids everywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import secrets
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -133,36 +140,88 @@ def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
     return memo["_logitcache_special_re"]
 
 
+class PromptSpanError(ValueError):
+    """The user content holding special-token text cannot be located in the rendered prompt (a sample error).
+
+    Not a `ConfigError`: it is one sample's data (a template that rewrites such content), so stage one's
+    ``--on-sample-error skip`` counts and names it instead of tokenizing the wrong characters as plain text.
+    """
+
+
+def _placeholder_token(prompt_text: str, messages: list[dict[str, str]]) -> str:
+    """A random upper-case word found in neither the prompt nor any content (so a placeholder cannot collide)."""
+    while True:
+        token = "LOGITCACHE" + secrets.token_hex(8).upper()
+        if token not in prompt_text and not any(token in str(m.get("content")) for m in messages):
+            return token
+
+
 def special_text_spans(
-    tokenizer: Any, prompt_text: str, messages: list[dict[str, str]], template: str | None
+    tokenizer: Any, prompt_text: str, messages: list[dict[str, str]], template: str | None, sample: object = None
 ) -> tuple[list[tuple[int, int]], int]:
     """(character spans of ``prompt_text`` to tokenize as plain text, messages holding special-token text).
 
     A message whose content holds a special token's text (``"The marker is <|im_end|>"``) is data, not markup:
-    its span in the rendered prompt (found in order, as is or stripped, which is how templates insert content)
-    is tokenized with special-token parsing off. Only such messages get a span, so every other prompt is
-    tokenized exactly as before, in one piece. A content the template rewrote beyond stripping is not found:
-    it is still counted, and its text stays special.
+    its span in the rendered prompt is tokenized with special-token parsing off. Only such messages get a span,
+    so every other prompt is tokenized exactly as before, in one piece.
+
+    The spans are located by rendering once more with each such content replaced by a unique placeholder (a
+    random word): the text around the placeholders is the template's own, and the real render must be exactly
+    that text with each content (as is, or stripped: how templates insert content) in its placeholder's place.
+    Searching the content in the render instead would match the template's own marker first when a content
+    starts with it. When the renders do not line up (a template that rewrites such content), raises
+    `PromptSpanError` (a sample error) rather than guess a span.
     """
     pattern = _special_pattern(tokenizer)
     if pattern is None:
         return [], 0
     if template is None:  # the prompt is the user's text itself
         return ([(0, len(prompt_text))], 1) if pattern.search(prompt_text) else ([], 0)
-    spans: list[tuple[int, int]] = []
-    count, cur = 0, 0
-    for m in messages:
-        content = m.get("content") or ""
-        if not isinstance(content, str) or not pattern.search(content):
-            continue
-        count += 1
-        for text in (content, content.strip()):
-            at = prompt_text.find(text, cur)
-            if at >= 0:
-                spans.append((at, at + len(text)))
-                cur = at + len(text)
-                break
-    return spans, count
+    held = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str) and pattern.search(m["content"])]
+    if not held:
+        return [], 0
+    token = _placeholder_token(prompt_text, messages)
+    swapped = [{**m, "content": f"{token}M{i}E"} if i in held else m for i, m in enumerate(messages)]
+    problem = "the chat template renders it differently from a placeholder"
+    skeleton: str | None = None
+    try:
+        skeleton = render_messages(tokenizer, swapped, template, sample)
+    except Exception as e:  # a template that refuses the placeholder
+        problem = f"the chat template refuses a placeholder for it ({type(e).__name__}: {e})"
+    parts: list[str] = []
+    pos = groups = 0
+    text = skeleton or ""
+    for found in re.finditer(f"{token}M(\\d+)E", text):
+        content = messages[int(found.group(1))]["content"]
+        forms = dict.fromkeys([content, content.strip(), content.lstrip(), content.rstrip()])  # as is first
+        parts += [re.escape(text[pos : found.start()]), "(" + "|".join(map(re.escape, forms)) + ")"]
+        pos, groups = found.end(), groups + 1
+    match = re.fullmatch("".join([*parts, re.escape(text[pos:])]), prompt_text) if skeleton is not None else None
+    if match is None:
+        raise PromptSpanError(
+            f"sample {sample}: a message holds special-token text (such as <|im_end|>) but {problem}, so its place "
+            "in the prompt is unknown and it cannot be kept as plain text; fix the template or the message"
+        )
+    return [match.span(g) for g in range(1, groups + 1) if match.end(g) > match.start(g)], len(held)
+
+
+def encode_rendered(
+    tokenizer: Any, prompt_text: str, messages: list[dict[str, str]] | None, template: str | None,
+    completion: str, sample: object = None,
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """``(ids, byte_offsets, prompt_len, messages holding special-token text)`` of a rendered prompt + completion.
+
+    The one way stage one (`prepare`), stage two and eval tokenize a prompt: the contents holding special-token
+    text (`special_text_spans`; none when ``messages`` is None, a prompt that is not re-rendered) as plain text,
+    the rest with the template's markers special, BOS added only without a template.
+    """
+    spans, held = special_text_spans(tokenizer, prompt_text, messages, template, sample) if messages is not None \
+        else ([], 0)
+    ids, offs, plen = encode_prompt_completion(
+        tokenizer, prompt_text, completion, prompt_special_tokens=False if template else None, sample=sample,
+        plain_spans=spans,
+    )
+    return ids, offs, plen, held
 
 
 def prepare(
@@ -176,7 +235,8 @@ def prepare(
         )
     prompt_text = render_messages(tokenizer, messages, template, rec.sample_id)
     completion = rec.response if mode == "score" else ""
-    spans, in_prompt = special_text_spans(tokenizer, prompt_text, messages, template)
+    ids, offs, plen, in_prompt = encode_rendered(tokenizer, prompt_text, messages, template, completion or "",
+                                                 rec.sample_id)
     notes: dict[str, int] = {}
     if in_prompt:
         notes["special_token_text_in_prompt"] = 1
@@ -189,14 +249,6 @@ def prepare(
             "control tokens; counted as special_token_text_in_prompt / _in_completion in the manifest",
             stacklevel=2,
         )
-    ids, offs, plen = encode_prompt_completion(
-        tokenizer,
-        prompt_text,
-        completion or "",
-        prompt_special_tokens=False if template else None,
-        sample=rec.sample_id,
-        plain_spans=spans,
-    )
     end = score_end_token(tokenizer, template) if mode == "score" and score_eos else None
     if end is not None:
         ids = np.append(ids, np.int32(end["id"]))
@@ -205,15 +257,29 @@ def prepare(
 
 
 def truncate(p: Prepared, max_tokens: int) -> Prepared:
-    """Keep the first ``max_tokens`` tokens (prompt intact; the completion is cut at a token boundary)."""
+    """Keep at most ``max_tokens`` tokens: the prompt intact, the completion cut at a token boundary.
+
+    The cut is the last token boundary at or before ``max_tokens`` that also starts a character: a byte-level
+    BPE token can start inside a multi-byte character (an emoji's last bytes), and a cut there would leave a
+    completion that is not text. So the kept tokens are the longest run of whole tokens that spell whole
+    characters (possibly none of the completion's, when its first character alone does not fit).
+    """
     if len(p.token_ids) <= max_tokens:
         return p
+    if max_tokens < p.prompt_len:
+        raise ValueError(f"sample {p.record.sample_id}: {max_tokens} tokens cannot hold a {p.prompt_len}-token prompt")
     full = (p.prompt_text + p.completion_text).encode("utf-8")
-    cut = int(p.byte_offsets[max_tokens])
-    completion_b = full[len(p.prompt_text.encode("utf-8")) : cut]
+    keep = max_tokens
+    while keep > p.prompt_len:
+        at = int(p.byte_offsets[keep])
+        if at >= len(full) or (full[at] & 0xC0) != 0x80:  # not a UTF-8 continuation byte: a character starts here
+            break
+        keep -= 1
+    start = len(p.prompt_text.encode("utf-8"))
+    completion_b = full[start : max(int(p.byte_offsets[keep]), start)]
     return dataclasses.replace(
         p,
         completion_text=completion_b.decode("utf-8"),
-        token_ids=p.token_ids[:max_tokens],
-        byte_offsets=p.byte_offsets[:max_tokens],
+        token_ids=p.token_ids[:keep],
+        byte_offsets=p.byte_offsets[:keep],
     )

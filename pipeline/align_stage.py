@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from logitcache.prompts import render_messages, resolve_chat_template, special_text_spans
+from logitcache.prompts import encode_rendered, render_messages, resolve_chat_template
 from logitcache.storage import LogitCache, SequenceRecord
 from logitcache.storage.alignment_store import AlignmentRecord, AlignmentWriter, describe_store, store_key  # noqa: F401
 from logitcache.tokenization import (
     chat_template_hash,
-    encode_prompt_completion,
     tokenizer_fingerprint,
 )
 
@@ -64,17 +63,13 @@ def align_sequence(
 ) -> tuple[AlignmentRecord, dict[str, Any]]:
     """The alignment of one cached sequence to ``student`` (with its chat ``template``), and its stats."""
     stats: dict[str, Any] = {}
-    spans: list[tuple[int, int]] = []
     if rec.messages is not None:
         prompt = render_messages(student, rec.messages, template, rec.sample_id)
-        spans, _ = special_text_spans(student, prompt, rec.messages, template)  # data stays text, as in stage one
     else:  # caches without messages: the student sees the teacher's rendered prompt
         prompt = rec.prompt_text
         stats["prompt_not_rerendered"] = 1
-    ids, offs, plen = encode_prompt_completion(
-        student, prompt, rec.completion_text, prompt_special_tokens=False if template else None, sample=rec.sample_id,
-        plain_spans=spans,
-    )
+    # tokenized as stage one does: special-token text in the messages stays text
+    ids, offs, plen, _ = encode_rendered(student, prompt, rec.messages, template, rec.completion_text, rec.sample_id)
     s_offs = offs[plen:] - len(prompt.encode("utf-8"))
     completion = rec.completion_text.encode("utf-8")
     t_offs = completion_offsets(rec.token_byte_offsets, rec.prompt_len, len(rec.prompt_text.encode("utf-8")))

@@ -111,20 +111,22 @@ def process_shard(cfg: GenerateConfig, shard: int, tokenizer: Any, progress: Any
     skipped: list[dict[str, Any]] = []
     prepared: list[Prepared] = []
     for rec in records[start:stop]:
-        try:
+        try:  # preparing and truncating one sample: one bad sample must not kill the run (--on-sample-error)
             p = prepare(tokenizer, rec, template, cfg.mode, cfg.score_eos, cfg.system_prompt)
-        except Exception as e:  # one bad sample must not kill the run (--on-sample-error)
+            budget = len(p.token_ids) if cfg.mode == "score" else p.prompt_len + 1
+            overlong = budget > max_len or p.prompt_len >= max_len
+            if overlong and cfg.overlong == "truncate" and p.prompt_len < max_len:
+                p = truncate(p, max_len)
+        except Exception as e:
             _skip(cfg, rec.sample_id, e, counters, skipped)
             continue
         for key, n in p.notes.items():
             counters[key] = counters.get(key, 0) + n
-        budget = len(p.token_ids) if cfg.mode == "score" else p.prompt_len + 1
-        if budget > max_len or p.prompt_len >= max_len:
+        if overlong:
             if cfg.overlong == "skip" or p.prompt_len >= max_len:
                 counters["skipped_overlong"] = counters.get("skipped_overlong", 0) + 1
                 continue
             counters["truncated_overlong"] = counters.get("truncated_overlong", 0) + 1
-            p = truncate(p, max_len)
         prepared.append(p)
     order = sorted(range(len(prepared)), key=lambda i: (len(prepared[i].token_ids), i))
     out: dict[int, SequenceRecord] = {}

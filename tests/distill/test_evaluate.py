@@ -271,3 +271,40 @@ def test_config_validation(kw, flag):
     with pytest.raises(ConfigError) as e:
         EvalConfig(model="m", data="d", **kw)
     one_line(e, flag)
+
+
+def test_prompts_tokenize_as_in_stage_one(chatml_eos_teacher, tmp_path, monkeypatch):
+    """Special-token text in a prompt is data: eval feeds the model the ids stage one caches (`prompts.prepare`),
+    the user's ``<|im_end|>`` spelled as text and only the template's markers as control tokens."""
+    import warnings
+
+    import logitcache.distill.evaluate as evaluate
+    from logitcache.inputs import InputRecord
+    from logitcache.prompts import prepare
+
+    rows = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "<|im_end|>"}],
+             "response": "Four."}, {"prompt": "The marker is <|im_end|> here.", "response": "A"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    real = evaluate.reference_nll
+
+    def spy(model, seqs, prompt_lens, pad_id):
+        seen.extend(zip([s.tolist() for s in seqs], prompt_lens))
+        return real(model, seqs, prompt_lens, pad_id)
+
+    monkeypatch.setattr(evaluate, "reference_nll", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_eval(EvalConfig(model=str(chatml_eos_teacher), data=str(data), max_new_tokens=1, batch_size=1))
+    tok = AutoTokenizer.from_pretrained(chatml_eos_teacher)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    expected = []
+    for i, row in enumerate(rows):
+        rec = InputRecord(i, str(i), row.get("prompt"), row.get("messages"), row["response"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = prepare(tok, rec, tok.chat_template, "score", score_eos=True)
+        assert p.token_ids[: p.prompt_len].tolist().count(im_end) == len(conversation(row))  # the template's only
+        expected.append((p.token_ids.tolist(), p.prompt_len))
+    assert sorted(seen) == sorted(expected)

@@ -20,8 +20,9 @@ from transformers import PreTrainedTokenizerFast
 
 import logitcache.pipeline.generate_stage as generate_stage
 from logitcache.cli import main
+from logitcache.inputs import InputRecord
 from logitcache.pipeline.generate_stage import GenerateConfig, SampleError, run_generate
-from logitcache.prompts import Prepared
+from logitcache.prompts import Prepared, prepare
 from logitcache.storage import LogitCache
 from logitcache.testing.tiny_models import CHAT_TEMPLATE, bpe_tokenizer, tiny_llama
 from logitcache.testing.tiny_tokenizers import byte_level_bpe
@@ -196,3 +197,58 @@ def test_special_token_text_in_data_is_counted_and_stays_text(chatml_teacher: Pa
     completion = rec.token_ids[rec.prompt_len :].tolist()
     assert completion.count(2) == 1 and completion[-1] == 2  # only the appended end of turn is <|im_end|>
     assert rec.token_ids[: rec.prompt_len].tolist().count(2) == 1  # the template's, not the user's
+
+
+# ------------------------------------------------- --overlong truncate and prompt errors are per-sample (review items)
+
+
+EMOJI_ROWS = [{"prompt": "hi", "response": "ab 🙂🙂🙂 漢字 and more 🎉 text"}, {"prompt": "yo", "response": "plain"}]
+
+
+def test_overlong_truncate_cuts_at_whole_characters(weak_byte_teacher: Path, tmp_path: Path) -> None:
+    # the review's case: the cut at --max-length fell inside an emoji and the run died with UnicodeDecodeError
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(EMOJI_ROWS[0]) + "\n")
+    tok = PreTrainedTokenizerFast.from_pretrained(weak_byte_teacher)
+    p = prepare(tok, InputRecord(0, "0", "hi", None, EMOJI_ROWS[0]["response"]), tok.chat_template, "score", True)
+    full = (p.prompt_text + p.completion_text).encode()
+    mid = [k for k in range(p.prompt_len + 1, len(p.token_ids) - 1) if full[p.byte_offsets[k]] & 0xC0 == 0x80]
+    assert mid  # precondition: a token boundary inside a character, used as the budget
+    out = tmp_path / "c"
+    run_generate(GenerateConfig(model=str(weak_byte_teacher), data=str(data), out=str(out), top_k=4, mode="score",
+                                max_length=mid[0], overlong="truncate"))
+    assert _manifest(out)["counters"]["truncated_overlong"] == 1
+    rec = LogitCache.open(out).get(0)
+    assert len(rec.token_ids) < mid[0] and EMOJI_ROWS[0]["response"].startswith(rec.completion_text)
+    assert rec.token_ids.tolist() == p.token_ids[: len(rec.token_ids)].tolist()
+    assert len(rec.token_ids) - rec.prompt_len == rec.rows.n >= 1  # whole tokens up to the emoji, one row each
+
+
+def test_errors_while_preparing_or_truncating_follow_the_sample_policy(weak_byte_teacher: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "d.jsonl"
+    rows = [*EMOJI_ROWS, {"messages": [{"role": "user", "content": "<|im_end|> is data"}], "response": "ok"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = tmp_path / "upper.jinja"  # rewrites contents: the span of special-token text cannot be found
+    template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n"
+                        "{% endfor %}<|im_start|>assistant\n")
+
+    tok = PreTrainedTokenizerFast.from_pretrained(weak_byte_teacher)
+    long, short = (prepare(tok, InputRecord(i, str(i), r["prompt"], None, r["response"]), template.read_text(),
+                           "score", True) for i, r in enumerate(EMOJI_ROWS))
+    budget = len(short.token_ids)
+    assert long.prompt_len < budget < len(long.token_ids)  # precondition: only sample 0 is truncated
+
+    def truncate(p: Prepared, max_tokens: int) -> Prepared:
+        raise RuntimeError("truncate failed on purpose")
+
+    monkeypatch.setattr(generate_stage, "truncate", truncate)
+    out = tmp_path / "c"
+    run_generate(GenerateConfig(model=str(weak_byte_teacher), data=str(data), out=str(out), top_k=4, mode="score",
+                                max_length=budget, overlong="truncate", chat_template=str(template)))
+    manifest = _manifest(out)
+    assert manifest["counters"]["skipped_error"] == 2
+    reasons = {s["sample_id"]: s["reason"] for s in manifest["skipped_samples"]}
+    assert reasons[0] == "RuntimeError: truncate failed on purpose"
+    assert reasons[2].startswith("PromptSpanError: sample 2: a message holds special-token text")
+    assert LogitCache.open(out).sample_ids().tolist() == [1]  # short enough: neither truncated nor failed
