@@ -182,6 +182,18 @@ def test_dtype_auto_resumes_a_float32_cache(ascii_teacher_folder: Path, prompts_
         run_generate(GenerateConfig(dtype="bfloat16", **common))
 
 
+def test_dtype_auto_with_a_scheduler_is_refused(ascii_teacher_folder: Path, prompts_file: Path) -> None:
+    from logitcache.config import ConfigError
+
+    common = dict(model=str(ascii_teacher_folder), data=str(prompts_file), out="c", scheduler="tcp://gpu-head:8786")
+    with pytest.raises(ConfigError) as err:  # auto would resolve on this (login) node, and again on GPU workers
+        GenerateConfig(**common)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--dtype") and "--scheduler" in message
+    assert GenerateConfig(dtype="bfloat16", **common).identity()["dtype"] == "bfloat16"  # explicit: one meaning
+    assert GenerateConfig(**{**common, "scheduler": None}).dtype == "auto"  # without a scheduler auto stays
+
+
 def _make_pre_today(out: Path) -> None:
     """Make a finished cache look like one a pre-today logitcache left half done: no end-token fields in its
     header, ``dtype: "auto"`` unresolved, no manifest, its last shard lost."""
