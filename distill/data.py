@@ -3,8 +3,11 @@
 ``make_example`` joins one cached sequence with its alignment record:
 
 - student input: the student's own rendering of the prompt + its tokenization of the completion, plus the
-  student's EOS when the teacher's completion ended (the teacher's cache then holds an EOS row, and stage two
-  pairs it with the student's end row); student row ``j`` sits at input position ``P_s - 1 + j`` and predicts
+  student's end token when the teacher's completion ended (the teacher's cache then holds an end row, and stage
+  two pairs it with the student's end row). The end token is the student's turn end that stage two records in
+  the store header (``student_end_token``: ``<|im_end|>`` for a ChatML student, as eval scores it), not
+  necessarily its EOS; stores made before that field fall back to the EOS (`student_end_id`);
+  student row ``j`` sits at input position ``P_s - 1 + j`` and predicts
   ``targets[j]``;
 - teacher rows: the cached loss-span rows, unchanged;
 - ``--max-length``: a sequence whose student side is too long is cut at the last *shared* boundary (a chunk end)
@@ -39,7 +42,21 @@ from .batch import CollatedBatch, Example, collate
 from .integrity import StudentLimits, read_checked_shard
 from .sampling import assign_shards, check_world, is_heldout, shard_permutation, skip
 
-__all__ = ["CollatedBatch", "Example", "ExampleStream", "Prefetcher", "collate", "make_example"]
+__all__ = ["CollatedBatch", "Example", "ExampleStream", "Prefetcher", "collate", "make_example", "student_end_id"]
+
+
+def student_end_id(store_header: dict, tokenizer: object) -> tuple[int | None, str]:
+    """The id the student's end row trains, and where it came from ("store" or "eos fallback").
+
+    Stage two records the student's turn end (``student_end_token``, None when the tokenizer has no end at all);
+    a store made before that field falls back to the tokenizer's EOS, which is wrong for a chat student whose
+    EOS is not its turn end (rerun ``align --overwrite`` to record it).
+    """
+    if "student_end_token" in store_header:
+        end = store_header["student_end_token"]
+        return (None if end is None else int(end["id"])), "store"
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return (None if eos is None else int(eos)), "eos fallback"
 
 
 def make_example(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from .checkpoint import (
     write_run_files,
 )
 from .context import RunContext
-from .data import ExampleStream, Prefetcher
+from .data import ExampleStream, Prefetcher, student_end_id
 from .integrity import StudentLimits
 from .losses import CombinedLoss, check_statistics, parse_loss_spec
 from .train_config import TrainConfig
@@ -138,7 +139,14 @@ def open_inputs(cfg: TrainConfig, tokenizer: Any) -> TrainData:
                 "from the teacher's; use uld, mlot or alm for cross-tokenizer distillation"
             )
     check_statistics(cfg.loss, cfg.loss_configs(), cache.header.extra_temperatures)
-    eos_id = tokenizer.eos_token_id
+    eos_id, source = student_end_id(store.header, tokenizer)
+    if source != "store":
+        print(
+            f"note: alignments/{key} predates student_end_token; the end row trains the tokenizer's EOS "
+            f"({eos_id}); rerun `logitcache align {cfg.cache} --student-tokenizer {cfg.student} --overwrite` "
+            "to train the student's turn end",
+            file=sys.stderr,
+        )
     pad_id = pad_token_id(tokenizer)
     return TrainData(cache, store, same_vocab, pad_id, eos_id)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from logitcache.prompts import encode_rendered, render_messages, resolve_chat_template
+from logitcache.prompts import encode_rendered, render_messages, resolve_chat_template, score_end_token
 from logitcache.storage import LogitCache, SequenceRecord
 from logitcache.storage.alignment_store import AlignmentRecord, AlignmentWriter, describe_store, store_key  # noqa: F401
 from logitcache.tokenization import (
@@ -159,6 +159,8 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
         },
         "teacher_tokenizer_fingerprint": cache.header.metadata.get("teacher", {}).get("tokenizer_fingerprint"),
         "student_end_row": True,
+        # the token the student's end row trains (its turn end, as eval scores it; the teacher's row is its own)
+        "student_end_token": score_end_token(student, template),
         "runtime": {"logitcache": _version()},
     }
     writer = AlignmentWriter(cache, student_store_key(student), header, overwrite=cfg.overwrite)

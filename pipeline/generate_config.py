@@ -114,6 +114,11 @@ class GenerateConfig:
             f"must be in [0, --num-shards={self.num_shards}), got {self.shard_index}",
         )
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        check(  # auto would resolve here (often a CPU login node) for the identity, and again on each GPU worker
+            self.scheduler is None or self.dtype != "auto",
+            "dtype",
+            "auto is resolved on this machine, not on the --scheduler workers; pass --dtype bfloat16 (or float32)",
+        )
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1, got {self.limit}")
         check(self.max_length is None or self.max_length >= 2, "max_length", f"must be >= 2, got {self.max_length}")
         bad = [t for t in self.extra_temperatures if not (math.isfinite(float(t)) and float(t) > 0)]

@@ -214,7 +214,8 @@ def build_header(cfg: GenerateConfig, tokenizer: Any, vocab_size: int) -> CacheH
                 "fields": dataclasses.asdict(cfg.fields()),
             },
             "config": cfg.identity(),
-            "runtime": {"backend": cfg.backend},
+            # dtype_auto: what --dtype auto stands for here, so a cache made before auto was resolved resumes
+            "runtime": {"backend": cfg.backend, "dtype_auto": dataclasses.replace(cfg, dtype="auto").resolved_dtype()},
         },
     )
 

@@ -110,8 +110,47 @@ class CacheHeader:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def differences(self, other: CacheHeader) -> list[str]:
-        """Dotted paths of identity fields that differ (for 'refuse unless --overwrite' messages)."""
-        return _diff(self.identity(), other.identity(), "")
+        """Dotted paths of identity fields that differ (for 'refuse unless --overwrite' messages).
+
+        ``self`` is the header on disk, ``other`` the one a new run would write. Fields whose meaning did not
+        change are compared leniently, so caches made before them resume (`_comparable`); the fingerprint is not
+        affected (it hashes the stored header as it is).
+        """
+        old, new, reasons = _comparable(self.identity(), other.identity(), other.metadata.get("runtime") or {})
+        return reasons + _diff(old, new, "")
+
+
+def _comparable(old: dict[str, Any], new: dict[str, Any], runtime: dict[str, Any]) -> tuple[dict, dict, list[str]]:
+    """Copies of two identities with the fields an older logitcache did not write made comparable.
+
+    - ``capture.end_tokens``: derived (the text of ``end_token_ids``), never compared;
+    - ``capture.end_token_ids``: compared only when both headers have it;
+    - ``capture.score_end_token``: a cache without it ended score-mode spans with the tokenizer's EOS, so it
+      matches a new one whose end token is that EOS (``source: eos_token``) and is refused otherwise, with why;
+    - ``config.dtype``: an old ``"auto"`` equals what auto resolves to for the new run (``runtime.dtype_auto``).
+    """
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    reasons: list[str] = []
+    oc, nc = old.get("metadata", {}).get("capture"), new.get("metadata", {}).get("capture")
+    if isinstance(oc, dict) and isinstance(nc, dict):
+        for c in (oc, nc):
+            c.pop("end_tokens", None)
+        if "end_token_ids" not in oc or "end_token_ids" not in nc:
+            oc.pop("end_token_ids", None)
+            nc.pop("end_token_ids", None)
+        if "score_end_token" not in oc and "score_end_token" in nc:
+            end = nc.pop("score_end_token")
+            if oc.get("mode") == "score" and oc.get("score_eos") and end and end.get("source") != "eos_token":
+                reasons.append(
+                    "metadata.capture.score_end_token (this cache predates it: its score spans end with the "
+                    f"tokenizer's EOS, a run now appends the chat template's turn end {end.get('text')!r}; "
+                    "regenerate it)"
+                )
+    oconf, nconf = old.get("metadata", {}).get("config"), new.get("metadata", {}).get("config")
+    dtype = nconf.get("dtype") if isinstance(nconf, dict) else None
+    if isinstance(oconf, dict) and oconf.get("dtype") == "auto" and dtype == runtime.get("dtype_auto"):
+        oconf["dtype"] = dtype
+    return old, new, reasons
 
 
 def _flag(value: Any, name: str) -> bool:

@@ -20,6 +20,7 @@ unreadable, or whose bytes disagree with the recorded checksum, is restored by `
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -149,6 +150,11 @@ class CacheWriter:
                     )
                 if diffs:
                     self._wipe()
+                else:  # resume under the header on disk (it may predate fields that compare leniently)
+                    runtime = self.header.metadata.get("runtime")
+                    self.header = dataclasses.replace(
+                        existing, metadata={**existing.metadata, **({"runtime": runtime} if runtime else {})}
+                    )
             else:
                 self._wipe()
         if not loc.exists(HEADER_FILE):

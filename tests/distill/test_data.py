@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from logitcache.distill.batch import collate
-from logitcache.distill.data import ExampleStream, Prefetcher, make_example
+from logitcache.distill.data import ExampleStream, Prefetcher, make_example, student_end_id
 from logitcache.distill.sampling import assign_shards
 from logitcache.storage import LogitCache, PositionRows, SequenceRecord
 from logitcache.storage.alignment_store import AlignmentRecord, AlignmentStore, list_stores
@@ -93,6 +93,37 @@ def test_max_length_keeps_a_sequence_that_fits_whole(eos):
     ex = make_example(rec, al, eos_id=99, max_length=7 + eos)
     assert ex is not None and ex.teacher.n == 6 + eos and len(ex.pairs) == len(al.pairs)
     assert ex.input_ids.tolist() == [100, 101, 102, 10, 11, 12, 13] + ([99] if eos else [])
+
+
+@pytest.fixture(scope="module")
+def chat_student():
+    """A ChatML student whose EOS (``<|eos|>``) is not its turn end (``<|im_end|>``)."""
+    from logitcache.prompts import score_end_token
+    from logitcache.testing.tiny_tokenizers import byte_level_bpe
+
+    tok = byte_level_bpe()
+    end = score_end_token(tok, tok.chat_template)
+    assert end is not None and end["text"] == "<|im_end|>" and end["id"] != tok.eos_token_id  # the precondition
+    return tok, end
+
+
+def test_the_end_row_trains_the_turn_end_the_store_records(chat_student):
+    tok, end = chat_student
+    header = {"student_end_row": True, "student_end_token": end}  # as stage two writes it
+    end_id, source = student_end_id(header, tok)
+    assert (end_id, source) == (end["id"], "store")
+    rec, al = hand_made(True)
+    ex = make_example(rec, al, eos_id=end_id, max_length=None)
+    assert ex is not None and ex.targets[-1] == end["id"] != tok.eos_token_id
+    batch = collate([ex], pad_id=0, k=3, temperatures=[])
+    row = int(al.pairs[-1][1])  # the student's end row, paired with the teacher's end row
+    assert int(batch.student_targets[0, row]) == end["id"]
+
+
+def test_a_store_from_before_the_end_token_field_falls_back_to_eos(chat_student):
+    tok, _ = chat_student
+    assert student_end_id({"student_end_row": True}, tok) == (tok.eos_token_id, "eos fallback")
+    assert student_end_id({"student_end_token": None}, tok) == (None, "store")  # a student without any end
 
 
 @pytest.mark.parametrize("max_length", [1, 3])  # the prompt alone does not fit (3 tokens + >= 1 target)

@@ -144,3 +144,16 @@ def test_store_refuses_a_rewritten_cache(built, tmp_path):
     (cache_path / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ConfigMismatchError, match="different cache content"):
         AlignmentStore.open(LogitCache.open(cache_path), m["key"])
+
+
+def test_store_records_the_student_turn_end_not_its_eos(built, tmp_path):
+    from logitcache.testing.tiny_tokenizers import byte_level_bpe
+
+    cache_path = fresh_cache(built, tmp_path)
+    tok = byte_level_bpe()
+    tok.save_pretrained(tmp_path / "chat_student")
+    m = run_align(AlignConfig(cache=str(cache_path), student_tokenizer=str(tmp_path / "chat_student"), workers=1))
+    store = AlignmentStore.open(LogitCache.open(cache_path), m["key"])
+    end = store.header["student_end_token"]
+    assert end["text"] == "<|im_end|>" and end["id"] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert end["id"] != tok.eos_token_id  # the id train appends is the turn end, not the EOS

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from logitcache.cli import main
 from logitcache.inputs import InputRecord
 from logitcache.pipeline.generate_stage import GenerateConfig, SampleError, run_generate
 from logitcache.prompts import Prepared, prepare
-from logitcache.storage import LogitCache
+from logitcache.storage import ConfigMismatchError, LogitCache
 from logitcache.testing.tiny_models import CHAT_TEMPLATE, bpe_tokenizer, tiny_llama
 from logitcache.testing.tiny_tokenizers import byte_level_bpe
 
@@ -179,6 +181,67 @@ def test_dtype_auto_resumes_a_float32_cache(ascii_teacher_folder: Path, prompts_
     assert again["shards_done_before"] == again["shards_mine"] == 1
     with pytest.raises(Exception, match="different config"):  # a really different dtype is still refused
         run_generate(GenerateConfig(dtype="bfloat16", **common))
+
+
+def test_dtype_auto_with_a_scheduler_is_refused(ascii_teacher_folder: Path, prompts_file: Path) -> None:
+    from logitcache.config import ConfigError
+
+    common = dict(model=str(ascii_teacher_folder), data=str(prompts_file), out="c", scheduler="tcp://gpu-head:8786")
+    with pytest.raises(ConfigError) as err:  # auto would resolve on this (login) node, and again on GPU workers
+        GenerateConfig(**common)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--dtype") and "--scheduler" in message
+    assert GenerateConfig(dtype="bfloat16", **common).identity()["dtype"] == "bfloat16"  # explicit: one meaning
+    assert GenerateConfig(**{**common, "scheduler": None}).dtype == "auto"  # without a scheduler auto stays
+
+
+def _make_pre_today(out: Path) -> None:
+    """Make a finished cache look like one a pre-today logitcache left half done: no end-token fields in its
+    header, ``dtype: "auto"`` unresolved, no manifest, its last shard lost."""
+    doc = json.loads((out / "cache.json").read_text())
+    meta = doc["header"]["metadata"]
+    for key in ("end_token_ids", "end_tokens", "score_end_token"):
+        meta["capture"].pop(key, None)
+    meta["config"]["dtype"] = "auto"
+    (out / "cache.json").write_text(json.dumps(doc))
+    (out / "manifest.json").unlink()
+    shards = sorted((out / "shards").iterdir())
+    assert len(shards) == 2  # precondition: one shard survives, one is redone
+    shutil.rmtree(shards[-1])
+
+
+def test_a_cache_from_before_the_end_token_fields_resumes(ascii_teacher_folder: Path, prompts_file: Path,
+                                                          tmp_path: Path) -> None:
+    from logitcache.storage import verify_cache
+
+    out = tmp_path / "c"
+    cfg = GenerateConfig(model=str(ascii_teacher_folder), data=str(prompts_file), out=str(out), top_k=4,
+                         max_new_tokens=4, device="cpu", limit=4, shard_size=2)
+    assert run_generate(cfg)["finalized"]
+    fingerprint = LogitCache.open(out).header.fingerprint()
+    _make_pre_today(out)
+    again = run_generate(cfg)  # was: "holds a cache with a different config (capture.end_token_ids ...)"
+    assert again["finalized"] and again["shards_done_before"] == 1
+    header = _manifest(out)["header"]["metadata"]
+    assert header["config"]["dtype"] == "auto" and "end_tokens" not in header["capture"]  # the header on disk
+    assert LogitCache.open(out).header.fingerprint() != fingerprint  # (the doctored one, as alignments recorded)
+    assert verify_cache(str(out)) == []
+    with pytest.raises(Exception, match="different config"):  # a really different dtype is still refused
+        run_generate(dataclasses.replace(cfg, dtype="bfloat16"))
+
+
+def test_a_score_cache_from_before_the_turn_end_is_refused_saying_why(chatml_teacher: Path, prompts_file: Path,
+                                                                      tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    cfg = GenerateConfig(model=str(chatml_teacher), data=str(prompts_file), out=str(out), top_k=4, mode="score",
+                         limit=4, shard_size=2, device="cpu")
+    run_generate(cfg)
+    _make_pre_today(out)  # its spans ended with the tokenizer's EOS <|endoftext|>; a run now appends <|im_end|>
+    with pytest.raises(ConfigMismatchError) as err:
+        run_generate(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "capture.score_end_token" in message and "regenerate" in message
+    assert "<|im_end|>" in message and "end_token_ids" not in message and "dtype" not in message
 
 
 # --------------------------------------------------------------------------- special-token text in data (item 4)
