@@ -15,7 +15,7 @@ else
   python -m pytest -q --junitxml="$reports/main.xml" "$@"
   bash scripts/setup_vllm_env.sh
   .venv-vllm/bin/python -m pytest -q -p no:cacheprovider --junitxml="$reports/vllm.xml" \
-    tests/pipeline/test_backend_vllm.py tests/pipeline/test_generate_stage_vllm.py
+    tests/pipeline/test_*vllm*.py
 fi
 # vLLM's engine logs noise at interpreter exit; the total below is the closing line.
 python - "$reports" <<'PY'
