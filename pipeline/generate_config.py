@@ -175,16 +175,14 @@ class GenerateConfig:
         out["dtype"] = self.resolved_dtype()  # --dtype auto and the dtype it picks make the same cache
         return out
 
-    def resolved_dtype(self) -> str:
-        """The teacher dtype ``--dtype`` stands for (auto: bfloat16 on a GPU, float32 on the CPU), both backends.
+    def resolved_dtype(self, setting: str | None = None) -> str:
+        """The teacher dtype ``setting`` (default ``--dtype``) stands for here: ``logitcache.models.resolve_dtype``
+        on this run's device (``--device`` for hf; vLLM picks its device itself), as a string."""
+        setting = self.dtype if setting is None else setting
+        if setting != "auto":
+            return setting
+        from logitcache.models import resolve_dtype
 
-        The rule of ``logitcache.models.resolve_dtype``, as a string, without importing torch unless it must.
-        """
-        if self.dtype != "auto":
-            return self.dtype
-        if self.device is not None and self.backend == "hf":  # vLLM picks its device itself
-            return "bfloat16" if self.device.startswith("cuda") else "float32"
-        import torch
-
-        return "bfloat16" if torch.cuda.is_available() else "float32"
+        device = self.device if self.backend == "hf" else None
+        return str(resolve_dtype(setting, device)).removeprefix("torch.")
 

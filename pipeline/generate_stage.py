@@ -215,7 +215,7 @@ def build_header(cfg: GenerateConfig, tokenizer: Any, vocab_size: int) -> CacheH
             },
             "config": cfg.identity(),
             # dtype_auto: what --dtype auto stands for here, so a cache made before auto was resolved resumes
-            "runtime": {"backend": cfg.backend, "dtype_auto": dataclasses.replace(cfg, dtype="auto").resolved_dtype()},
+            "runtime": {"backend": cfg.backend, "dtype_auto": cfg.resolved_dtype("auto")},
         },
     )
 

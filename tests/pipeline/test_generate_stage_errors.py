@@ -195,3 +195,20 @@ def test_flag_checks_of_the_backends_are_config_errors(teacher, tmp_path):
             _temps([bad])
         with pytest.raises(ConfigError, match="--extra-temperatures"):  # checked before the engine is touched
             VllmBackend._temperatures(SimpleNamespace(row_stats=True, _temps=()), [bad])
+
+
+def test_header_resolves_auto_without_rebuilding_the_config(teacher, tmp_path):
+    """build_header records what auto stands for; with --scheduler (where auto is refused) that must not re-validate."""
+    from transformers import AutoTokenizer
+
+    from logitcache.pipeline.generate_stage import GenerateConfig, build_header
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "hi", "response": "yo"}\n')
+    cfg = GenerateConfig(
+        model=str(teacher), data=str(data), out=str(tmp_path / "c"), mode="score", dtype="float32",
+        scheduler="tcp://127.0.0.1:1",
+    )
+    header = build_header(cfg, AutoTokenizer.from_pretrained(str(teacher)), 200)
+    assert header.metadata["runtime"]["dtype_auto"] == "float32"  # no GPU here
+    assert header.metadata["config"]["dtype"] == "float32"
