@@ -7,8 +7,9 @@ One command runs every step with the ``logitcache`` CLI (each step in its own pr
 complete, so a rerun resumes):
 
 1. ``recipes/fairytaleqa.py``: question + its section(s) as the prompt, ``answer1`` as the reference;
-2. ``logitcache sft`` fine-tunes the teacher (Gemma-3-270M) on ``teacher_train.jsonl`` (a superset of the students'
-   training set), so the teacher is better than the student at the task, as the paper's teachers are;
+2. the teacher (Gemma-3-270M, base) is fine-tuned on ``teacher_train.jsonl`` (a superset of the students' training
+   set) with the same SFT the students' baseline gets (``train --loss ce:1``), so it is better than the student at
+   the task, as the paper's teachers are;
 3. two caches of the fine-tuned teacher over the students' training questions: ``score`` (teacher-forced over the
    references: labelled distillation) and ``generate`` (greedy teacher answers: sequence-level distillation), each
    aligned to the student (SmolLM2-135M-Instruct, another tokenizer);
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pairing", choices=["index", "aligned"], default="index")
     ap.add_argument("--jobs", type=int, default=2, help="Trainings/evaluations run side by side (1 thread each).")
     ap.add_argument("--grad-norm-every", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="Threads of the one-at-a-time steps (teacher fine-tuning, captures, reference evals); 1 on "
+                         "a shared machine (oversubscribed OpenMP threads slow a run many times over).")
     ap.add_argument("--no-online", action="store_true", help="Skip the online-teacher (--teacher) check.")
     args = ap.parse_args(argv)
     size = SIZES[args.size]
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = {k: float(v) for k, v in (t.split(":") for t in args.weights.split(","))}
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    threads_all = max(1, (os.cpu_count() or 2))
+    threads_all = args.threads
     data = out / "data"
     t_start = time.time()
 
@@ -194,15 +198,27 @@ def main(argv: list[str] | None = None) -> None:
              "--teacher-train", str(size["teacher_train"]), "--test", str(size["test"]), "--max-words",
              str(size["max_words"])], out / "logs" / "prepare.log", 1)
 
-    print("[2] teacher fine-tuning (logitcache sft)", flush=True)
-    teacher_dir = out / "teacher"
-    teacher = teacher_dir / "final"
-    if not (teacher / "config.json").exists():
-        steps = size["teacher_epochs"] * math.ceil(size["teacher_train"] / 4)
-        run(cli("sft", "--model", TEACHER, "--data", str(data / "teacher_train.jsonl"), "--out", str(teacher_dir),
-                "--max-steps", str(steps), "--batch-size", "4", "--lr", str(args.lr), "--threads",
-                str(threads_all), "--eval-fraction", "0", "--chat-template", "none"),
-            teacher_dir / "sft.log", threads_all)
+    print("[2] teacher fine-tuning (train --loss ce:1 on the teacher's own tokenization)", flush=True)
+    teacher_dir = out / "teacher-ft"
+    if not (teacher_dir / "train" / "summary.json").exists():
+        # the same SFT the students' baseline gets (train --loss ce:1), on a top-1 score cache of the base teacher
+        # over its own references: its rows go unused (ce reads only the targets), so SFT and distillation differ by
+        # the loss alone; `logitcache sft` does the same from the JSONL without the capture pass
+        tcache = teacher_dir / "cache"
+        if not (tcache / "cache.json").exists():
+            run(cli("generate", "--model", TEACHER, "--data", str(data / "teacher_train.jsonl"), "--out", str(tcache),
+                    "--mode", "score", "--top-k", "1", "--batch-size", "8", "--id-field", "id", "--threads",
+                    str(threads_all), "--no-row-stats"), teacher_dir / "generate.log", threads_all)
+            run(cli("align", str(tcache), "--student-tokenizer", TEACHER), teacher_dir / "align.log", threads_all)
+        steps = size["teacher_epochs"] * math.ceil(size["teacher_train"] * 0.9 / 4)
+        cmd = cli("train", "--cache", str(tcache), "--student", TEACHER, "--out", str(teacher_dir / "train"), "--loss",
+                  "ce:1", "--max-steps", str(steps), "--batch-size", "4", "--lr", str(args.lr), "--warmup-steps",
+                  str(max(1, steps // 10)), "--eval-fraction", "0.1", "--eval-every", str(max(1, steps // 4)),
+                  "--save-every", str(steps), "--threads", str(threads_all), "--max-length", "512", "--seed", "0")
+        if (teacher_dir / "train" / "config.json").exists():
+            cmd += ["--resume"]
+        run(cmd, teacher_dir / "train.log", threads_all)
+    teacher = latest_student(teacher_dir / "train")
 
     print("[3] teacher caches + alignment", flush=True)
     for mode in sorted(set(args.modes) | {"score"}):
