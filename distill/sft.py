@@ -12,10 +12,12 @@ capturing it. Everything that gives a record its meaning is shared with the rest
   tokens and that end token (token-mean cross-entropy), never the prompt.
 - records longer than ``--max-length`` are skipped and counted (``skipped_overlong`` in the summary), not cut:
   a cut response would teach the model to stop mid-answer or never.
-- held-out records are chosen by ``sampling.is_heldout`` (a hash of the record index and seed); the training
-  records form one pseudo-shard per rank (``_shards``) and their order is ``sampling.rank_order``, a pure
-  function of (data, seed, epoch, world size). Training is step-based (``--max-steps``, or ``--epochs`` turned
-  into steps); the resume state is two integers per rank, ``(epoch, offset)``.
+- held-out records are chosen by ``sampling.is_heldout`` (a hash of the record index and seed); the records
+  form pseudo-shards (``record_shards``: one per rank, or ``--shard-size`` contiguous records, as ``generate``
+  cuts a cache) and their order is ``sampling.rank_order``, a pure function of (data, seed, epoch, world size,
+  shard size): with ``--shard-size`` equal to the cache's, ``train`` on that cache sees the records in the
+  same order, for paired SFT-vs-distillation comparisons. Training is step-based (``--max-steps``, or
+  ``--epochs`` turned into steps); the resume state is two integers per rank, ``(epoch, offset)``.
 - the schedule is ``train.lr_factor`` (warmup, then cosine/linear/constant), AdamW, gradient clipping and
   accumulation, bf16 autocast on GPU (``RunContext``, which also runs DDP under torchrun); checkpoints are
   ``distill.checkpoint``'s layout (``checkpoints/step-N/student`` is a ``save_pretrained`` folder), and
@@ -62,13 +64,14 @@ from .sampling import check_world, is_heldout, rank_epoch_size, rank_order
 from .sft_config import SFTConfig
 from .train import lr_factor
 
-__all__ = ["SFTConfig", "SFTExample", "collate", "encode_records", "response_loss", "run_sft"]
+__all__ = ["SFTConfig", "SFTExample", "collate", "encode_records", "record_shards", "response_loss", "run_sft",
+           "sample_stream"]
 
 #: flags a resumed run must share with the run it resumes (the data file is checked by content)
 RESUME_FIELDS = (
     "model", "chat_template", "system_prompt", "prompt_field", "messages_field", "response_field", "id_field",
     "limit", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule", "min_lr_ratio",
-    "max_grad_norm", "max_length", "seed", "eval_fraction",
+    "max_grad_norm", "max_length", "seed", "eval_fraction", "shard_size",
 )
 
 
@@ -87,6 +90,7 @@ class Encoded:
     heldout: list[SFTExample]
     skipped_overlong: int
     end_token: dict[str, Any] | None
+    n_records: int
 
 
 def encode_records(cfg: SFTConfig, tokenizer: Any) -> Encoded:
@@ -106,29 +110,50 @@ def encode_records(cfg: SFTConfig, tokenizer: Any) -> Encoded:
             continue
         ex = SFTExample(rec.sample_id, np.asarray(p.token_ids, np.int64), int(p.prompt_len))
         (heldout if is_heldout(rec.sample_id, cfg.eval_fraction, cfg.seed) else train).append(ex)
-    return Encoded(train, heldout, overlong, score_end_token(tokenizer, template))
+    return Encoded(train, heldout, overlong, score_end_token(tokenizer, template), len(records))
 
 
-def _shards(n: int, world: int) -> list[list[int]]:
-    """Training-record positions as one pseudo-shard per rank (strided), so one process permutes them all."""
-    return [list(range(s, n, world)) for s in range(world)]
+def record_shards(n_records: int, world: int, shard_size: int | None = None) -> list[list[int]]:
+    """Record indexes (sample ids) by pseudo-shard: ``shard_size`` contiguous records each, as ``generate
+    --shard-size`` cuts a cache (so the order is ``train``'s on such a cache), or by default one strided shard
+    per rank (one process: a single shard, so every epoch is a permutation of all records)."""
+    if shard_size is None:
+        return [list(range(s, n_records, world)) for s in range(world)]
+    return [list(range(lo, min(n_records, lo + shard_size))) for lo in range(0, n_records, shard_size)]
 
 
 def sample_stream(
-    examples: list[SFTExample], rank: int, world: int, seed: int, epoch: int = 0, offset: int = 0
+    examples: list[SFTExample], rank: int, world: int, seed: int, epoch: int = 0, offset: int = 0,
+    shard_size: int | None = None, n_records: int | None = None,
 ) -> Iterator[tuple[SFTExample, dict[str, int]]]:
-    """This rank's examples in training order from ``(epoch, offset)``, each with the state after it; endless."""
-    shards = _shards(len(examples), world)
+    """This rank's training examples in order from ``(epoch, offset)``, each with the state after it; endless.
+
+    The order runs over all ``n_records`` record indexes (default: one past the largest example's), as
+    ``train``'s stream runs over a cache's records: held-out and overlong records take their place in the order
+    and are skipped, so ``offset`` counts records, not examples."""
+    by_id = {e.sample_id: e for e in examples}
+    n = n_records if n_records is not None else max(by_id, default=-1) + 1
+    shards = record_shards(n, world, shard_size)
     sizes = [len(s) for s in shards]
+    check_world(sizes, world)
     while True:
         size = rank_epoch_size(sizes, rank, world, seed, epoch)
         if offset >= size:
             epoch, offset = epoch + 1, offset - size
             continue
-        for n, (shard, i) in enumerate(rank_order(sizes, rank, world, seed, epoch)):
-            if n < offset:
+        found = False
+        for pos, (shard, i) in enumerate(rank_order(sizes, rank, world, seed, epoch)):
+            if pos < offset:
                 continue
-            yield examples[shards[shard][i]], {"epoch": epoch, "offset": n + 1}
+            ex = by_id.get(shards[shard][i])
+            if ex is not None:
+                found = True
+                yield ex, {"epoch": epoch, "offset": pos + 1}
+        if not found and offset == 0:
+            raise ConfigError(
+                f"rank {rank} holds no training record in epoch {epoch} (all held out or overlong); use fewer "
+                "ranks, a larger --shard-size or a lower --eval-fraction"
+            )
         epoch, offset = epoch + 1, 0
 
 
@@ -236,9 +261,9 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             f"{cfg.max_length}, {len(enc.heldout)} held out); raise --max-length or lower --eval-fraction"
         )
     try:
-        check_world([len(s) for s in _shards(len(enc.train), ctx.world)], ctx.world)
+        check_world([len(s) for s in record_shards(enc.n_records, ctx.world, cfg.shard_size)], ctx.world)
     except ValueError as e:
-        raise ConfigError(f"--data {cfg.data}: {len(enc.train)} training records for {ctx.world} ranks: {e}") from e
+        raise ConfigError(f"--data {cfg.data}: {enc.n_records} records for {ctx.world} ranks: {e}") from e
     if cfg.epochs is not None:
         per_step = cfg.batch_size * cfg.grad_accum * ctx.world
         cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * len(enc.train) / per_step)))
@@ -267,7 +292,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     if ctx.is_main:
         write_run_files(cfg, out, identity)
         truncate_metrics(out / "metrics.jsonl", step)
-    stream = sample_stream(enc.train, ctx.rank, ctx.world, cfg.seed, state["epoch"], state["offset"])
+    stream = sample_stream(enc.train, ctx.rank, ctx.world, cfg.seed, state["epoch"], state["offset"], cfg.shard_size,
+                           enc.n_records)
     metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None  # noqa: SIM115
     bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", unit="step", disable=not ctx.is_main,
                dynamic_ncols=True)

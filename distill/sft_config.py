@@ -51,6 +51,11 @@ class SFTConfig:
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
     max_length: int = option(1024, "Tokens per sequence (prompt + response + end token); longer records are skipped.")
     seed: int = option(0, "Seed of the sample order, the held-out split and torch.")
+    shard_size: int | None = option(
+        None,
+        "Shuffle within blocks of N contiguous records, as train orders a cache made with generate --shard-size N "
+        "(same seed: the same order as train on that cache). Default: one shuffle over all records.",
+    )
     eval_fraction: float = option(0.05, "Fraction of records held out for evaluation (by a hash of the record index).")
     eval_every: int = option(50, "Held-out loss every N steps (0: only at the end).")
     eval_batches: int | None = option(None, "Cap on evaluation batches per rank.")
@@ -69,6 +74,7 @@ class SFTConfig:
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.epochs is None or self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        check(self.shard_size is None or self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1, got {self.limit}")
         check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")

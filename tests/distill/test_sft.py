@@ -12,9 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from ci_helpers import need_module
 from cli_helpers import one_line_error
 from click.testing import CliRunner
-from gen_helpers import ascii_teacher, write_prompts
+from gen_helpers import ASCII_CORPUS, ascii_teacher, write_prompts
 
 from logitcache.cli import main
 from logitcache.config import ConfigError
@@ -22,6 +23,7 @@ from logitcache.distill.sft import SFTConfig, collate, encode_records, response_
 from logitcache.inputs import InputFields, read_inputs
 from logitcache.models import load_model, load_tokenizer
 from logitcache.prompts import prepare, resolve_chat_template
+from logitcache.testing.tiny_models import bpe_tokenizer, tiny_llama, write_tiny_gguf
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +171,38 @@ def test_cli_sft_smoke_and_bad_record(chat_model, data, tmp_path):
     one_line_error(r, f"{bad}:3", "'response'", "--response-field")
     r = CliRunner().invoke(main, [*args, "--max-steps", "0"])
     one_line_error(r, "--max-steps")
+
+
+def test_a_gguf_base_model_fine_tunes_on_its_raw_prompt(data, tmp_path, monkeypatch):
+    need_module("gguf")
+    monkeypatch.setenv("LOGITCACHE_MODEL_CACHE", str(tmp_path / "model-cache"))
+    tok = bpe_tokenizer(200, ASCII_CORPUS, None, full_alphabet=False)  # no chat template: a base model
+    gguf_path = write_tiny_gguf(tmp_path / "base.gguf", tiny_llama(tok, seed=2), tok)
+    s = run_sft(cfg(gguf_path, data, tmp_path / "run", max_steps=3))
+    assert s["end_token"]["source"] == "eos_token" and s["steps"] == 3
+    tuned = load_tokenizer(s["model"])
+    ex = encode_records(cfg(gguf_path, data, tmp_path / "x"), load_tokenizer(gguf_path)).train[0]
+    rec = read_inputs(str(data), InputFields(), "score")[ex.sample_id]
+    assert tuned.decode(ex.ids[: ex.prompt_len].tolist()) == rec.prompt  # the raw prompt, no template
+    assert load_model(s["model"]).config.vocab_size == len(tok)
+
+
+def test_with_the_caches_shard_size_the_order_is_trains(train_setup, tmp_path):
+    from logitcache.distill.context import RunContext
+    from logitcache.distill.train import TrainConfig, open_inputs
+
+    seed, fraction = 3, 0.2
+    tcfg = TrainConfig(cache=str(train_setup["cache"]), student=str(train_setup["student"]), out=str(tmp_path / "t"),
+                       seed=seed, eval_fraction=fraction)
+    shard_size = 4  # train_helpers.build_setup's generate --shard-size
+    data = open_inputs(tcfg, load_tokenizer(tcfg.student))
+    assert [s.sequences for s in data.cache.shards] == [shard_size] * 6  # precondition: 24 records, no skips
+    stream = iter(data.stream(tcfg, RunContext.setup("cpu"), "train"))
+    train_ids = [next(stream).sample_id for _ in range(45)]  # past two epochs
+    c = cfg(train_setup["student"], train_setup["data"], tmp_path / "s", seed=seed, eval_fraction=fraction,
+            shard_size=shard_size)
+    enc = encode_records(c, load_tokenizer(c.model))
+    ordered = sample_stream(enc.train, 0, 1, seed, 0, 0, shard_size, enc.n_records)
+    sft_ids = [e.sample_id for e, _ in islice(ordered, 45)]
+    assert sft_ids == train_ids
+    assert [e.sample_id for e, _ in islice(sample_stream(enc.train, 0, 1, seed), 45)] != train_ids  # default differs
