@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--modes", nargs="+", choices=["score", "generate"], default=["score", "generate"])
     ap.add_argument("--only", nargs="*", default=None, help="Run only these arms (e.g. score-sft score-mlot).")
-    ap.add_argument("--weights", default="uld:1,mlot:1,alm:1", help="Weight of each distillation term next to ce:1.")
+    ap.add_argument("--weights", default="uld:2,mlot:4,alm:100",
+                    help="Weight of each distillation term next to ce:1 (default: each term's gradient on the student "
+                         "logits about as large as ce's at the start, measured with --grad-norm-every).")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--pairing", choices=["index", "aligned"], default="index")
     ap.add_argument("--jobs", type=int, default=2, help="Trainings/evaluations run side by side (1 thread each).")
@@ -243,9 +245,11 @@ def main(argv: list[str] | None = None) -> None:
         "student (untrained)": eval_model(STUDENT, test, evals / "student.json", args, threads_all),
     }
 
-    print("[5] arms", flush=True)
+    print("[5] arms (score mode first, then the online check, then generate mode)", flush=True)
     plan = [a for a in arms(args.modes, weights) if args.only is None or f"{a.mode}-{a.name}" in args.only]
-    jobs = [(a, s) for s in args.seeds for a in plan]
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    dirs: dict[str, list[Path]] = {}
+    online: dict[str, Any] | None = None
 
     def one(job: tuple[Arm, int]) -> tuple[str, int, dict[str, Any], Path]:
         arm, seed = job
@@ -253,28 +257,33 @@ def main(argv: list[str] | None = None) -> None:
         metrics = eval_model(str(latest_student(run_dir)), test, run_dir / "eval.json", args, 1)
         return f"{arm.mode}-{arm.name}", seed, metrics, run_dir
 
-    results: dict[str, dict[int, dict[str, Any]]] = {}
-    dirs: dict[str, list[Path]] = {}
-    with cf.ThreadPoolExecutor(args.jobs) as pool:
-        for name, seed, metrics, run_dir in pool.map(one, jobs):
-            results.setdefault(name, {})[seed] = {**metrics, "grad_ratio": grad_ratios(run_dir)}
-            dirs.setdefault(name, []).append(run_dir)
+    def report() -> str:  # rewritten after every finished job, so an interrupted run still leaves its table
+        table = write_table(out, reference, results, online, args, size, time.time() - t_start)
+        plot(dirs, {n: [results[n][s]["rougeLsum"] for s in sorted(results[n])] for n in results}, out / "table.md")
+        return table
 
-    online = None
-    if not args.no_online:
-        best = max((n for n in results if n.startswith("score-") and n != "score-sft"),
-                   key=lambda n: mean_std([results[n][s]["rougeLsum"] for s in results[n]])[0], default=None)
-        if best is not None:
-            term = best.removeprefix("score-")
-            arm = Arm(f"{term}-online", "score", f"ce:1,{term}:{weights[term]:g}", online=True)
-            seed = args.seeds[0]
-            on_dir = train_arm(arm, seed, args, teacher, threads_all)
-            off_dir = args.out / "runs" / best / f"seed{seed}"
-            online = compare_online(off_dir, on_dir)
-
-    table = write_table(out, reference, results, online, args, size, time.time() - t_start)
-    plot(dirs, {n: [results[n][s]["rougeLsum"] for s in sorted(results[n])] for n in results}, out / "table.md")
-    print(table)
+    for phase in ("score", "online", "generate"):
+        if phase == "online":
+            if args.no_online:
+                continue
+            best = max((n for n in results if n.startswith("score-") and n != "score-sft"),
+                       key=lambda n: mean_std([results[n][s]["rougeLsum"] for s in results[n]])[0], default=None)
+            if best is not None:
+                term = best.removeprefix("score-")
+                seed = args.seeds[0]
+                on_dir = train_arm(Arm(f"{term}-online", "score", f"ce:1,{term}:{weights[term]:g}", online=True),
+                                   seed, args, teacher, threads_all)
+                online = {"arm": best, **compare_online(args.out / "runs" / best / f"seed{seed}", on_dir)}
+                report()
+            continue
+        jobs = [(a, s) for s in args.seeds for a in plan if a.mode == phase]
+        with cf.ThreadPoolExecutor(args.jobs) as pool:
+            for fut in cf.as_completed([pool.submit(one, j) for j in jobs]):
+                name, seed, metrics, run_dir = fut.result()
+                results.setdefault(name, {})[seed] = {**metrics, "grad_ratio": grad_ratios(run_dir)}
+                dirs.setdefault(name, []).append(run_dir)
+                report()
+    print(report())
 
 
 def compare_online(off_dir: Path, on_dir: Path) -> dict[str, float]:
@@ -291,7 +300,7 @@ def compare_online(off_dir: Path, on_dir: Path) -> dict[str, float]:
 
 
 def write_table(out: Path, reference: dict[str, Any], results: dict[str, dict[int, dict[str, Any]]],
-                online: dict[str, float] | None, args: argparse.Namespace, size: dict[str, Any], seconds: float) -> str:
+                online: dict[str, Any] | None, args: argparse.Namespace, size: dict[str, Any], seconds: float) -> str:
     metrics = [("ROUGE-LSum", "rougeLsum"), ("ROUGE-L", "rougeL"), ("token F1", "token_f1")]
     lines = [f"FairytaleQA test ({size['test']} questions), students trained on {size['train']} questions for "
              f"{args.steps} steps of 4, lr {args.lr:g}, seeds {args.seeds}, pairing {args.pairing}; "
@@ -325,7 +334,8 @@ def write_table(out: Path, reference: dict[str, Any], results: dict[str, dict[in
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {gain_cell} | {sig} | {ratio_cell} |")
         summary["arms"][name] = {"per_seed": by_seed, "gain": paired}
     if online is not None:
-        lines += ["", f"Online teacher vs cache (same seed): {online['steps']} logged steps, training loss differs by "
+        lines += ["", f"Online teacher vs cache ({online['arm']}, same seed): {online['steps']} logged steps, training "
+                  "loss differs by "
                   f"at most {online['max_rel_diff']:.2e} (relative), mean {online['mean_rel_diff']:.2e}."]
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
