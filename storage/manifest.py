@@ -24,7 +24,10 @@ import numpy as np
 
 from .errors import CorruptCacheError, SchemaVersionError
 
-SCHEMA_VERSION = 1
+#: the newest cache schema this code reads and the one new caches get (docs/format.md); a v1 cache being resumed
+#: keeps writing v1 shards. Alignment stores did not change and stay at ``ALIGNMENT_SCHEMA_VERSION``.
+SCHEMA_VERSION = 2
+ALIGNMENT_SCHEMA_VERSION = 1
 FORMAT_NAME = "logitcache"
 HEADER_FILE = "cache.json"
 MANIFEST_FILE = "manifest.json"
