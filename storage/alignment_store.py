@@ -215,7 +215,12 @@ class AlignmentWriter:
         if not self.loc.exists(STORE_FILE):
             self.loc.fs.makedirs(self.loc.root, exist_ok=True)
             self.loc.write_json_atomic(
-                {"format": FORMAT_NAME, "schema_version": ALIGNMENT_SCHEMA_VERSION, "kind": "alignment", "header": self.header},
+                {
+                    "format": FORMAT_NAME,
+                    "schema_version": ALIGNMENT_SCHEMA_VERSION,
+                    "kind": "alignment",
+                    "header": self.header,
+                },
                 STORE_FILE,
             )
 

@@ -283,9 +283,13 @@ class RankIds:
         ranks = np.asarray(parts["ranks"])
         table = np.ascontiguousarray(parts["dict"], dtype=np.int32).reshape(-1)
         if ranks.ndim != 2 or ranks.shape[1] != k or ranks.dtype.kind != "u":
-            raise ValueError(f"codec 'rank': part 'ranks' has shape {ranks.shape} {ranks.dtype}, expected [n, {k}] uint")
+            raise ValueError(
+                f"codec 'rank': part 'ranks' has shape {ranks.shape} {ranks.dtype}, expected [n, {k}] unsigned"
+            )
         if ranks.size and int(ranks.max()) >= len(table):
-            raise ValueError(f"codec 'rank': a rank ({int(ranks.max())}) is outside the dictionary ({len(table)} ids)")
+            raise ValueError(
+                f"codec 'rank': a rank ({int(ranks.max())}) is outside the dictionary ({len(table)} ids)"
+            )
         return table.take(ranks)
 
     def config(self) -> dict[str, Any]:
