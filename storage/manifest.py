@@ -130,7 +130,8 @@ def _comparable(old: dict[str, Any], new: dict[str, Any], runtime: dict[str, Any
     - ``capture.end_token_ids``: compared only when both headers have it;
     - ``capture.score_end_token``: a cache without it ended score-mode spans with the tokenizer's EOS, so it
       matches a new one whose end token is that EOS (``source: eos_token``) and is refused otherwise, with why;
-    - ``config.dtype``: an old ``"auto"`` equals what auto resolves to for the new run (``runtime.dtype_auto``).
+    - ``config.dtype``: an old ``"auto"`` equals what auto resolves to for the new run (``runtime.dtype_auto``);
+    - ``config.id_codec``: a config without it (before format v2) wrote int32 ids, so it matches ``int32``.
     """
     old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
     reasons: list[str] = []
@@ -153,6 +154,9 @@ def _comparable(old: dict[str, Any], new: dict[str, Any], runtime: dict[str, Any
     dtype = nconf.get("dtype") if isinstance(nconf, dict) else None
     if isinstance(oconf, dict) and oconf.get("dtype") == "auto" and dtype == runtime.get("dtype_auto"):
         oconf["dtype"] = dtype
+    if isinstance(oconf, dict) and isinstance(nconf, dict) and "id_codec" not in oconf:
+        if nconf.get("id_codec") == "int32":
+            nconf.pop("id_codec")
     return old, new, reasons
 
 
