@@ -154,9 +154,9 @@ def _comparable(old: dict[str, Any], new: dict[str, Any], runtime: dict[str, Any
     dtype = nconf.get("dtype") if isinstance(nconf, dict) else None
     if isinstance(oconf, dict) and oconf.get("dtype") == "auto" and dtype == runtime.get("dtype_auto"):
         oconf["dtype"] = dtype
-    if isinstance(oconf, dict) and isinstance(nconf, dict) and "id_codec" not in oconf:
-        if nconf.get("id_codec") == "int32":
-            nconf.pop("id_codec")
+    new_ids = nconf.get("id_codec") if isinstance(nconf, dict) else None
+    if isinstance(oconf, dict) and isinstance(nconf, dict) and "id_codec" not in oconf and new_ids == "int32":
+        nconf.pop("id_codec")
     return old, new, reasons
 
 
