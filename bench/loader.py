@@ -68,14 +68,17 @@ from logitcache.storage.synthetic import synthetic_records
 STORE_KEY = "identity00000000"  # stands in for a student tokenizer fingerprint (16 hex chars)
 
 
-def build_cache(root: str, positions: int, k: int, vocab: int, seq_len: int, prompt_len: int, shards: int) -> str:
+def build_cache(
+    root: str, positions: int, k: int, vocab: int, seq_len: int, prompt_len: int, shards: int, id_codec: str = "int32"
+) -> str:
     """A synthetic cache plus an identity alignment store; returns the cache path."""
     records = synthetic_records(positions, k=k, vocab=vocab, seq_len=seq_len, prompt_len=prompt_len, seed=0)
     per = -(-len(records) // shards)
     groups = [records[i : i + per] for i in range(0, len(records), per)]
     path = os.path.join(root, "cache")
     header = CacheHeader(
-        top_k=k, vocab_size=vocab, positions={"name": "zarr"}, logprob_codec={"name": "fp16"}, num_shards=len(groups)
+        top_k=k, vocab_size=vocab, positions={"name": "zarr"}, logprob_codec={"name": "fp16"}, num_shards=len(groups),
+        id_codec={"name": id_codec},
     )
     writer = CacheWriter(path, header)
     for i, recs in enumerate(groups):
@@ -243,6 +246,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--pace", type=float, default=600_000, help="positions/s the paced consumer asks for")
+    ap.add_argument("--id-codec", default="int32", help="id codec of the cache (int32, or rank: format v2)")
     args = ap.parse_args()
     global PACE
     PACE = args.pace
@@ -252,7 +256,9 @@ def main() -> None:
     root = args.dir or tempfile.mkdtemp(prefix="logitcache-bench-loader-")
     try:
         t0 = time.perf_counter()
-        path = build_cache(root, args.positions, args.k, args.vocab, args.seq_len, args.prompt_len, args.shards)
+        path = build_cache(
+            root, args.positions, args.k, args.vocab, args.seq_len, args.prompt_len, args.shards, args.id_codec
+        )
         build_s = time.perf_counter() - t0
         cache = LogitCache.open(path)
         n_pos = cache.num_positions
@@ -266,7 +272,8 @@ def main() -> None:
                 times[name].append(sec)
         print(
             f"\n{n_pos:,} positions in {cache.num_sequences} sequences x {args.seq_len} positions, K={args.k}, "
-            f"vocab {args.vocab}, {len(cache.shards)} shards (zarr, int32 ids + fp16), batch {args.batch_size}, "
+            f"vocab {args.vocab}, {len(cache.shards)} shards (zarr, {args.id_codec} ids + fp16), "
+            f"batch {args.batch_size}, "
             f"{torch.get_num_threads()} torch thread(s); "
             f"build {build_s:.0f} s; median of {args.repeats} interleaved rounds; "
             f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores\n"
