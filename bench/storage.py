@@ -38,6 +38,7 @@ import numpy as np
 
 from logitcache.storage import CacheHeader, CacheWriter, LogitCache
 from logitcache.storage.codecs import ID_CODECS, LOGPROB_CODECS
+from logitcache.storage.convert import cut_record
 from logitcache.storage.synthetic import synthetic_records
 
 #: real-row cases: (label, schema, id codec, logprob codec config, K or None for the source's)
@@ -138,14 +139,24 @@ def distillkit_budget(lp: np.ndarray, vocab: int, k: int = 50, exact_k: int = 1)
     return id_bytes + -(-lp_bits // 8), renorm_kl(lp[:, :k], dec)
 
 
-def load_real(paths: list[str]) -> list[tuple[str, list[list], int, int, list[float], bool]]:
-    """Each source cache's records, shard by shard (its rows must be fp32-exact for the KL column to mean much)."""
+def load_real(paths: list[str], tile: int = 1) -> list[tuple[str, list[list], int, int, list[float], bool]]:
+    """Each source cache's records, shard by shard (its rows must be fp32-exact for the KL column to mean much).
+
+    ``tile > 1`` repeats each shard's records that many times (new sample ids), so throughput is measured on
+    shards of a realistic size; a repeat starts a whole shard's rows later, far outside a 4096-row chunk, so the
+    bytes/position barely move (the shard's id frequencies scale uniformly)."""
+    import dataclasses
+
     out = []
     for path in paths:
         cache = LogitCache.open(path)
         if cache.header.logprob_codec.get("name") != "fp32":
             print(f"note: {path} stores {cache.header.logprob_codec['name']} logprobs; KL is measured against those")
         shards = [list(cache.iter_shard(s.index)) for s in cache.shards]
+        if tile > 1:
+            step = max(r.sample_id for recs in shards for r in recs) + 1
+            shards = [[dataclasses.replace(r, sample_id=r.sample_id + t * step) for t in range(tile) for r in recs]
+                      for recs in shards]
         h = cache.header
         out.append((path, shards, h.top_k, h.vocab_size, h.extra_temperatures, h.logit_moments))
     return out
@@ -192,17 +203,21 @@ def real_main(args: argparse.Namespace) -> None:
     root = args.dir or tempfile.mkdtemp(prefix="logitcache-bench-")
     cols = ["ids", "logprobs", "targets", "row stats", "sequences", "other"]
     try:
-        for path, shards, k, vocab, temps, moments in load_real(args.real):
+        for path, shards, k, vocab, temps, moments in load_real(args.real, args.tile):
             n = sum(r.rows.n for recs in shards for r in recs)
-            print(f"\n{path}: {n} positions, K={k}, vocab={vocab}, row stats {temps}; medians of {args.repeats} runs")
+            print(f"\n{path}{f' x{args.tile}' if args.tile > 1 else ''}: {n} positions, K={k}, vocab={vocab}, "
+                  f"row stats {temps}; medians of {args.repeats} interleaved rounds")
             print(f"{'case':<20}{'total':>7}" + "".join(f"{c:>10}" for c in cols)
                   + f"{'write pos/s':>13}{'read pos/s':>13}{'mean KL':>10}")
-            for label, id_codec, lp_cfg, kk in REAL_CASES:
-                kk = min(kk or k, k)
-                cut = shards if kk == k else [[_cut(r, kk) for r in recs] for recs in shards]
-                runs = [run_case(root, cut, kk, vocab, args.backends.split(",")[0], lp_cfg, id_codec, temps, moments)
-                        for _ in range(args.repeats)]
-                med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+            runs: dict[str, list[dict]] = {label: [] for label, *_ in REAL_CASES}
+            for _ in range(args.repeats):  # interleaved: every case once per round, so load swings hit all alike
+                for label, id_codec, lp_cfg, kk in REAL_CASES:
+                    kk = min(kk or k, k)
+                    cut = shards if kk == k else [[cut_record(r, kk) for r in recs] for recs in shards]
+                    backend = args.backends.split(",")[0]
+                    runs[label].append(run_case(root, cut, kk, vocab, backend, lp_cfg, id_codec, temps, moments))
+            for label, *_ in REAL_CASES:
+                med = {key: statistics.median(r[key] for r in runs[label]) for key in runs[label][0]}
                 print(f"{label:<20}{med['bpp']:>7.1f}" + "".join(f"{med['f:' + c]:>10.1f}" for c in cols)
                       + f"{med['write']:>13,.0f}{med['read']:>13,.0f}{med['kl']:>10.2e}")
             lp = np.concatenate([r.rows.topk_logprobs for recs in shards for r in recs])
@@ -215,14 +230,6 @@ def real_main(args: argparse.Namespace) -> None:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
 
-
-def _cut(record, k: int):
-    """A record with its top-K rows cut to the first ``k`` (rows are sorted, so this is the top-k)."""
-    import dataclasses
-
-    rows = record.rows
-    cut = dataclasses.replace(rows, topk_ids=rows.topk_ids[:, :k], topk_logprobs=rows.topk_logprobs[:, :k])
-    return dataclasses.replace(record, rows=cut)
 
 
 def main() -> None:
@@ -240,6 +247,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--real", action="append", default=[], help="a cache of real teacher rows (fp32 logprobs)")
     ap.add_argument("--make-real", default=None, help="build the real-row caches into this folder, then exit")
+    ap.add_argument("--tile", type=int, default=1, help="--real: repeat each shard's records N times (throughput)")
     args = ap.parse_args()
     if args.make_real:
         make_real(args.make_real)
@@ -258,16 +266,20 @@ def main() -> None:
         f"{'mean KL':>11}"
     )
     try:
-        for backend in args.backends.split(","):
-            for id_codec in args.id_codecs.split(","):
-                for codec in args.codecs.split(","):
-                    runs = [run_case(root, shards, args.k, args.vocab, backend, codec, id_codec)
-                            for _ in range(args.repeats)]
-                    med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-                    print(
-                        f"{backend:<8}{id_codec:<7}{codec:<10}{med['bpp']:>8.1f}{med['pos_bpp']:>10.1f}"
-                        f"{med['write']:>14,.0f}{med['read']:>14,.0f}{med['kl']:>11.2e}"
-                    )
+        combos = [(b, i, c) for b in args.backends.split(",") for i in args.id_codecs.split(",")
+                  for c in args.codecs.split(",")]
+        results: dict[tuple[str, str, str], list[dict]] = {combo: [] for combo in combos}
+        for _ in range(args.repeats):  # interleaved rounds: a load swing hits every case alike
+            for backend, id_codec, codec in combos:
+                results[(backend, id_codec, codec)].append(
+                    run_case(root, shards, args.k, args.vocab, backend, codec, id_codec)
+                )
+        for (backend, id_codec, codec), runs in results.items():
+            med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+            print(
+                f"{backend:<8}{id_codec:<7}{codec:<10}{med['bpp']:>8.1f}{med['pos_bpp']:>10.1f}"
+                f"{med['write']:>14,.0f}{med['read']:>14,.0f}{med['kl']:>11.2e}"
+            )
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
