@@ -77,16 +77,16 @@ def run_case(
         top_k=k, vocab_size=vocab, positions={"name": backend}, logprob_codec=lp_cfg, id_codec={"name": id_codec},
         num_shards=len(shards), extra_temperatures=temperatures or [], logit_moments=moments,
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     writer = CacheWriter(path, header)
     for i, recs in enumerate(shards):
         writer.write_shard(i, recs)
     writer.finalize()
-    t_write = time.perf_counter() - t0
+    t_write, c_write = time.perf_counter() - t0, time.process_time() - c0
     cache = LogitCache.open(path)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     blocks = [rows for s in cache.shards for rows in cache.iter_rows(s.index)]
-    t_read = time.perf_counter() - t0
+    t_read, c_read = time.perf_counter() - t0, time.process_time() - c0
     n = cache.num_positions
     total = sum(s.bytes for s in cache.shards)
     fields = {"ids": 0, "logprobs": 0, "targets": 0, "row stats": 0, "sequences": 0, "other": 0}
@@ -98,7 +98,8 @@ def run_case(
     if not np.array_equal(ref_ids, np.concatenate([b.topk_ids for b in blocks])):
         raise AssertionError(f"{path}: ids did not round-trip")
     kl = renorm_kl(ref, np.concatenate([b.topk_logprobs for b in blocks]))
-    out = {"write": n / t_write, "read": n / t_read, "bpp": total / n, "kl": kl}
+    out = {"write": n / t_write, "read": n / t_read, "write_cpu": n / c_write, "read_cpu": n / c_read, "bpp": total / n,
+           "kl": kl}
     out.update({f"f:{name}": v / n for name, v in fields.items()})
     out["pos_bpp"] = (total - fields["sequences"] - fields["other"]) / n
     return out
@@ -208,7 +209,7 @@ def real_main(args: argparse.Namespace) -> None:
             print(f"\n{path}{f' x{args.tile}' if args.tile > 1 else ''}: {n} positions, K={k}, vocab={vocab}, "
                   f"row stats {temps}; medians of {args.repeats} interleaved rounds")
             print(f"{'case':<20}{'total':>7}" + "".join(f"{c:>10}" for c in cols)
-                  + f"{'write pos/s':>13}{'read pos/s':>13}{'mean KL':>10}")
+                  + f"{'write pos/s':>13}{'(per CPU s)':>13}{'read pos/s':>13}{'(per CPU s)':>13}{'mean KL':>10}")
             runs: dict[str, list[dict]] = {label: [] for label, *_ in REAL_CASES}
             for _ in range(args.repeats):  # interleaved: every case once per round, so load swings hit all alike
                 for label, id_codec, lp_cfg, kk in REAL_CASES:
@@ -219,7 +220,8 @@ def real_main(args: argparse.Namespace) -> None:
             for label, *_ in REAL_CASES:
                 med = {key: statistics.median(r[key] for r in runs[label]) for key in runs[label][0]}
                 print(f"{label:<20}{med['bpp']:>7.1f}" + "".join(f"{med['f:' + c]:>10.1f}" for c in cols)
-                      + f"{med['write']:>13,.0f}{med['read']:>13,.0f}{med['kl']:>10.2e}")
+                      + f"{med['write']:>13,.0f}{med['write_cpu']:>13,.0f}{med['read']:>13,.0f}"
+                      f"{med['read_cpu']:>13,.0f}{med['kl']:>10.2e}")
             lp = np.concatenate([r.rows.topk_logprobs for recs in shards for r in recs])
             for kk in (50, 64):
                 if kk <= k:
@@ -262,8 +264,8 @@ def main() -> None:
         f"{args.seq_len} positions/sequence; medians of {args.repeats} runs"
     )
     print(
-        f"{'backend':<8}{'ids':<7}{'logprobs':<10}{'B/pos':>8}{'(arrays)':>10}{'write pos/s':>14}{'read pos/s':>14}"
-        f"{'mean KL':>11}"
+        f"{'backend':<8}{'ids':<7}{'logprobs':<10}{'B/pos':>8}{'(arrays)':>10}{'write pos/s':>14}{'(per CPU s)':>13}"
+        f"{'read pos/s':>14}{'(per CPU s)':>13}{'mean KL':>11}"
     )
     try:
         combos = [(b, i, c) for b in args.backends.split(",") for i in args.id_codecs.split(",")
@@ -278,7 +280,8 @@ def main() -> None:
             med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
             print(
                 f"{backend:<8}{id_codec:<7}{codec:<10}{med['bpp']:>8.1f}{med['pos_bpp']:>10.1f}"
-                f"{med['write']:>14,.0f}{med['read']:>14,.0f}{med['kl']:>11.2e}"
+                f"{med['write']:>14,.0f}{med['write_cpu']:>13,.0f}{med['read']:>14,.0f}{med['read_cpu']:>13,.0f}"
+                f"{med['kl']:>11.2e}"
             )
     finally:
         if args.dir is None:
