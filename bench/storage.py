@@ -46,6 +46,8 @@ REAL_CASES = [
     ("v1 default", "int32", {"name": "fp16"}, None),
     ("v1 compact", "int32", {"name": "u8c"}, None),
     ("v2 rank+fp16", "rank", {"name": "fp16"}, None),
+    ("v2 rank+fp16r", "rank", {"name": "fp16r", "drop": 1}, None),
+    ("v2 rank+fp16r d2", "rank", {"name": "fp16r", "drop": 2}, None),
     ("v2 rank+u8c", "rank", {"name": "u8c"}, None),
     ("v2 rank+u8c K=32", "rank", {"name": "u8c"}, 32),
     ("v2 rank+u8c K=16", "rank", {"name": "u8c"}, 16),

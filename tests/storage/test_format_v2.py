@@ -17,7 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 from logitcache.storage import CacheHeader, CacheWriter, CorruptCacheError, LogitCache, SchemaVersionError, verify_cache
 from logitcache.storage import manifest as manifest_mod
-from logitcache.storage.codecs import RankIds, id_codec_from_config
+from logitcache.storage.codecs import Fp16rLogprobs, RankIds, id_codec_from_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -92,6 +92,46 @@ def test_rank_codec_refuses_bad_input_and_bad_parts() -> None:
         codec.decode({"ranks": np.array([[0, 7]], np.uint16), "dict": parts["dict"]}, 2)
     with pytest.raises(ValueError, match="missing part"):
         codec.decode({"ranks": parts["ranks"]}, 2)
+
+
+# --- the fp16r logprob codec ----------------------------------------------------------------------------------
+
+
+def _round_mantissa(x: np.ndarray, bits: int) -> np.ndarray:
+    """Reference: float64 rounding of each value to ``bits`` mantissa bits, ties away from zero."""
+    m, e = np.frexp(x.astype(np.float64))  # x = m * 2**e, 0.5 <= |m| < 1
+    scale = 2.0 ** (bits + 1)
+    return np.ldexp(np.sign(m) * np.floor(np.abs(m) * scale + 0.5) / scale, e)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    x=hnp.arrays(np.float32, st.tuples(st.integers(0, 6), st.integers(1, 64)),
+                 elements=st.floats(-60000, 0, width=32) | st.just(-np.inf)),
+    drop=st.integers(0, 4),
+)
+def test_fp16r_rounds_once_and_keeps_order(x: np.ndarray, drop: int) -> None:
+    x = np.ascontiguousarray(np.sort(x, axis=1)[:, ::-1])
+    codec = Fp16rLogprobs(drop)
+    out = codec.decode({k: np.array(v) for k, v in codec.encode(x).items()}, x.shape[1])
+    assert out.dtype == np.float32 and out.shape == x.shape
+    assert (out <= 0).all() and not np.isnan(out).any()
+    assert (out[:, 1:] <= out[:, :-1]).all()  # still sorted (-inf included)
+    np.testing.assert_array_equal(np.isneginf(out), np.isneginf(x))
+    normal = np.isfinite(x) & (np.abs(x) >= 2.0**-14)  # float16 normal range: one rounding, to 10 - drop bits
+    expected = _round_mantissa(x[normal], 10 - drop)
+    np.testing.assert_array_equal(out[normal].astype(np.float64), expected)
+
+
+def test_fp16r_drop0_is_fp16_and_config() -> None:
+    from logitcache.storage.codecs import Fp16Logprobs, logprob_codec_from_config
+
+    x = -np.sort(np.random.default_rng(0).exponential(3, (200, 16)), axis=1).astype(np.float32)
+    a = Fp16rLogprobs(0)
+    np.testing.assert_array_equal(a.decode(a.encode(x), 16), Fp16Logprobs().decode(Fp16Logprobs().encode(x), 16))
+    assert logprob_codec_from_config({"name": "fp16r"}).config() == {"name": "fp16r", "drop": 1}
+    with pytest.raises(ValueError, match="drop"):
+        Fp16rLogprobs(7)
 
 
 # --- caches -------------------------------------------------------------------------------------------------
