@@ -317,16 +317,22 @@ class RankIds:
             raise ValueError(f"rank id codec: expected a 2-D [n, K] array, got shape {a.shape}")
         if a.size and (a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= 2**31):
             raise ValueError("rank id codec: ids must be integers in [0, 2**31)")
-        flat = a.reshape(-1).astype(np.int64, copy=False)
-        if flat.size == 0:
+        if a.size == 0:
             return {"ranks": np.zeros(a.shape, np.uint16), "dict": np.zeros(0, np.int32)}
-        counts = np.bincount(flat)  # O(n + max id): ids are below the vocabulary size
+        step = self.DECODE_ROWS  # slices: no whole-shard intp copies (see decode)
+        width = int(a.max()) + 1
+        counts = np.zeros(width, np.int64)  # O(n + max id): ids are below the vocabulary size
+        for start in range(0, a.shape[0], step):
+            counts += np.bincount(a[start : start + step].reshape(-1), minlength=width)
         present = np.flatnonzero(counts)
         table = present[np.lexsort((present, -counts[present]))]  # most frequent first, ties by id
         dtype = np.uint16 if len(table) <= 1 << 16 else np.uint32
-        rank_of = np.zeros(len(counts), dtype)
+        rank_of = np.zeros(width, dtype)
         rank_of[table] = np.arange(len(table), dtype=dtype)
-        return {"ranks": rank_of.take(a), "dict": table.astype(np.int32)}
+        ranks = np.empty(a.shape, dtype)
+        for start in range(0, a.shape[0], step):
+            np.take(rank_of, a[start : start + step].astype(np.intp), out=ranks[start : start + step])
+        return {"ranks": ranks, "dict": table.astype(np.int32)}
 
     def decode(self, parts: dict[str, np.ndarray], k: int) -> np.ndarray:
         if "ranks" not in parts or "dict" not in parts:
