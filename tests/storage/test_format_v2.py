@@ -253,3 +253,23 @@ def test_verify_names_a_damaged_dictionary(tmp_path: Path) -> None:
     assert any("shard-level part topk_ids.dict cannot be decoded" in p for p in problems), problems
     with pytest.raises(CorruptCacheError):
         LogitCache.open(path).read_rows(0, 0, 1)
+
+
+def test_verify_names_a_damaged_parquet_column_chunk(tmp_path: Path) -> None:
+    """Arrow backend: page CRCs (format v2) make a damaged column chunk fail; verify names the part."""
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "c"
+    write_cache(str(path), _shards(5, [6]), k=8, vocab=300, backend="arrow", temps=(1.0, 2.0),
+                id_codec={"name": "rank"})
+    f = path / "shards" / "shard-000000" / "positions.parquet"
+    col = pq.ParquetFile(f).metadata.row_group(0)
+    names = [col.column(i).path_in_schema for i in range(col.num_columns)]
+    meta = col.column(names.index("topk_ids.ranks"))
+    start = meta.data_page_offset
+    _flip(f, start + meta.total_compressed_size - 8)  # inside that column's data page, past its header
+    problems = verify_cache(str(path), level="checksums")
+    assert any("part topk_ids.ranks, chunk 0" in p for p in problems), problems
+    assert not any("part topk_logprobs" in p for p in problems), problems
+    with pytest.raises(CorruptCacheError):
+        LogitCache.open(path).read_rows(0, 0, 4)
