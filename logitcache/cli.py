@@ -226,8 +226,8 @@ def finalize(cache: str) -> None:
 @click.argument("out")
 @click.option("--id-codec", default=None, help="Id codec of the output: int32, or rank (format v2, smaller; "
               "see docs/format.md). Default: the source's.")
-@click.option("--logprob-codec", default=None, help="Logprob codec of the output: fp16, fp32, u8c. Default: the "
-              "source's (re-coding is only as exact as the source).")
+@click.option("--logprob-codec", default=None, help="Logprob codec of the output: fp16, fp16r (v2), fp32, u8c. "
+              "Default: the source's (re-coding is only as exact as the source).")
 @click.option("--top-k", type=int, default=None, help="Keep the first K of each row (the top-K; at most the "
               "source's K). Default: the source's K.")
 @click.option("--positions-backend", type=click.Choice(["zarr", "arrow"]), default=None,
