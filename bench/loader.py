@@ -68,14 +68,17 @@ from logitcache.storage.synthetic import synthetic_records
 STORE_KEY = "identity00000000"  # stands in for a student tokenizer fingerprint (16 hex chars)
 
 
-def build_cache(root: str, positions: int, k: int, vocab: int, seq_len: int, prompt_len: int, shards: int) -> str:
+def build_cache(
+    root: str, positions: int, k: int, vocab: int, seq_len: int, prompt_len: int, shards: int, id_codec: str = "int32"
+) -> str:
     """A synthetic cache plus an identity alignment store; returns the cache path."""
     records = synthetic_records(positions, k=k, vocab=vocab, seq_len=seq_len, prompt_len=prompt_len, seed=0)
     per = -(-len(records) // shards)
     groups = [records[i : i + per] for i in range(0, len(records), per)]
     path = os.path.join(root, "cache")
     header = CacheHeader(
-        top_k=k, vocab_size=vocab, positions={"name": "zarr"}, logprob_codec={"name": "fp16"}, num_shards=len(groups)
+        top_k=k, vocab_size=vocab, positions={"name": "zarr"}, logprob_codec={"name": "fp16"}, num_shards=len(groups),
+        id_codec={"name": id_codec},
     )
     writer = CacheWriter(path, header)
     for i, recs in enumerate(groups):
@@ -243,6 +246,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--pace", type=float, default=600_000, help="positions/s the paced consumer asks for")
+    ap.add_argument("--id-codec", default="int32", help="id codec(s) of the cache: int32, rank (format v2), or "
+                    "int32,rank (one cache each, their rounds interleaved)")
     args = ap.parse_args()
     global PACE
     PACE = args.pace
@@ -252,34 +257,44 @@ def main() -> None:
     root = args.dir or tempfile.mkdtemp(prefix="logitcache-bench-loader-")
     try:
         t0 = time.perf_counter()
-        path = build_cache(root, args.positions, args.k, args.vocab, args.seq_len, args.prompt_len, args.shards)
+        codecs = args.id_codec.split(",")
+        paths = {}
+        for c in codecs:
+            os.makedirs(os.path.join(root, c), exist_ok=True)
+            paths[c] = build_cache(
+                os.path.join(root, c), args.positions, args.k, args.vocab, args.seq_len, args.prompt_len, args.shards, c
+            )
         build_s = time.perf_counter() - t0
+        path = paths[codecs[0]]
         cache = LogitCache.open(path)
         n_pos = cache.num_positions
-        for _, fn in chosen:  # warm-up (imports, page cache)
-            fn(path, args.batch_size)
-        times: dict[str, list[float]] = {name: [] for name, _ in chosen}
+        runs = [(name if len(codecs) == 1 else f"{name} {c}", fn, paths[c]) for name, fn in chosen for c in codecs]
+        for _, fn, p in runs:  # warm-up (imports, page cache)
+            fn(p, args.batch_size)
+        times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
         counted: dict[str, int] = {}
         for _ in range(args.repeats):
-            for name, fn in chosen:
-                counted[name], sec = fn(path, args.batch_size)
+            for name, fn, p in runs:
+                counted[name], sec = fn(p, args.batch_size)
                 times[name].append(sec)
+        chosen = [(name, fn) for name, fn, _ in runs]
         print(
             f"\n{n_pos:,} positions in {cache.num_sequences} sequences x {args.seq_len} positions, K={args.k}, "
-            f"vocab {args.vocab}, {len(cache.shards)} shards (zarr, int32 ids + fp16), batch {args.batch_size}, "
+            f"vocab {args.vocab}, {len(cache.shards)} shards (zarr, {args.id_codec} ids + fp16), "
+            f"batch {args.batch_size}, "
             f"{torch.get_num_threads()} torch thread(s); "
             f"build {build_s:.0f} s; median of {args.repeats} interleaved rounds; "
             f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores\n"
         )
         base = statistics.median(times[chosen[0][0]]) / max(counted[chosen[0][0]], 1)
         ref = "time/pos vs " + chosen[0][0]
-        print(f"| {'path':<15} | {'positions':>10} | {'seconds':>8} | {'positions/s':>12} | {ref:>22} |")
-        print(f"|{'-' * 17}|{'-' * 11}:|{'-' * 9}:|{'-' * 13}:|{'-' * 23}:|")
+        print(f"| {'path':<20} | {'positions':>10} | {'seconds':>8} | {'positions/s':>12} | {ref:>22} |")
+        print(f"|{'-' * 22}|{'-' * 11}:|{'-' * 9}:|{'-' * 13}:|{'-' * 23}:|")
         for name, _ in chosen:
             sec = statistics.median(times[name])
             per = sec / max(counted[name], 1)
             print(
-                f"| {name:<15} | {counted[name]:>10,} | {sec:8.2f} | {counted[name] / sec:>12,.0f} | "
+                f"| {name:<20} | {counted[name]:>10,} | {sec:8.2f} | {counted[name] / sec:>12,.0f} | "
                 f"{per / base:>22.2f} |"
             )
         if args.profile:

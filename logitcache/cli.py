@@ -256,6 +256,62 @@ def finalize(cache: str) -> None:
     click.echo(f"{cache}: finalized, {m['num_shards']} shards, {m['stats']['positions']} positions")
 
 
+@main.command()
+@click.argument("cache")
+@click.argument("out")
+@click.option("--id-codec", default=None, help="Id codec of the output: int32, or rank (format v2, smaller; "
+              "see docs/format.md). Default: the source's.")
+@click.option("--logprob-codec", default=None, help="Logprob codec of the output: fp16, fp16r (v2), fp32, u8c. "
+              "Default: the source's (re-coding is only as exact as the source).")
+@click.option("--top-k", type=int, default=None, help="Keep the first K of each row (the top-K; at most the "
+              "source's K). Default: the source's K.")
+@click.option("--positions-backend", type=click.Choice(["zarr", "arrow"]), default=None,
+              help="Position-array storage of the output. Default: the source's.")
+@click.option("--overwrite/--no-overwrite", default=False, show_default=True,
+              help="Replace an existing cache of a different config at OUT.")
+@user_errors
+def convert(
+    cache: str, out: str, id_codec: str | None, logprob_codec: str | None, top_k: int | None,
+    positions_backend: str | None, overwrite: bool,
+) -> None:
+    """Rewrite CACHE into OUT with other codecs or a smaller K (format v2).
+
+    Atomic and resumable like every writer: a rerun skips the shards already converted. The conversion settings
+    and the source are recorded in OUT's cache.json (metadata.convert). Alignment stores are not copied: run
+    `logitcache align` on OUT.
+    """
+    from logitcache.storage.codecs import ID_CODECS, LOGPROB_CODECS
+    from logitcache.storage.convert import convert_cache
+
+    for flag, value, known in (("--id-codec", id_codec, ID_CODECS), ("--logprob-codec", logprob_codec,
+                                                                      LOGPROB_CODECS)):
+        if value is not None and value not in known:
+            raise ConfigError(f"{flag} {value!r}: unknown codec; choose one of {', '.join(sorted(known))}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k {top_k}: must be >= 1")
+
+    def report(index: int, what: str) -> None:
+        click.echo(f"shard {index}: {what}", err=True)
+
+    try:
+        m = convert_cache(
+            cache, out,
+            id_codec={"name": id_codec} if id_codec else None,
+            logprob_codec={"name": logprob_codec} if logprob_codec else None,
+            top_k=top_k,
+            positions={"name": positions_backend} if positions_backend else None,
+            overwrite=overwrite, on_shard=report,
+        )
+    except ValueError as e:
+        if type(e) is not ValueError:
+            raise
+        raise ConfigError(str(e)) from e
+    total = sum(sh["bytes"] for sh in m["shards"])
+    positions = m["stats"]["positions"]
+    per = f", {total / positions:.1f} B/position" if positions else ""
+    click.echo(f"{out}: converted {m['num_shards']} shards, {positions} positions, {_fmt_bytes(total)}{per}")
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":

@@ -200,6 +200,7 @@ def build_header(cfg: GenerateConfig, tokenizer: Any, vocab_size: int) -> CacheH
         top_k=cfg.top_k,
         vocab_size=vocab_size,
         logprob_codec={"name": cfg.logprob_codec},
+        id_codec={"name": cfg.id_codec},
         positions={"name": cfg.positions_backend},
         extra_temperatures=list(cfg.extra_temperatures),
         logit_moments=bool(cfg.logit_moments),

@@ -1,4 +1,4 @@
-"""The logit cache: format v1, writer, reader, verify and inspect (depends on nothing else of logitcache).
+"""The logit cache: formats v1 and v2, writer, reader, verify, inspect and convert (depends on nothing else of ours).
 
 Public API::
 
@@ -7,6 +7,7 @@ Public API::
     writer.write_shard(0, records); writer.write_shard(1, more); writer.finalize()
     cache = LogitCache.open("cache/"); cache.get(sample_id); cache.iter_sequences()
 
+``storage.convert.convert_cache(src, out, ...)`` rewrites a cache with other codecs or a smaller K.
 ``verify_cache(url)`` lists every problem of a cache and its alignment stores (``verify_store(cache, key)`` checks
 one store). See ``docs/format.md`` for the on-disk layout and what verify checks.
 """

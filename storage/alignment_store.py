@@ -35,7 +35,15 @@ import pyarrow.parquet as pq
 
 from .errors import CacheError, CacheIncompleteError, CacheNotFoundError, ConfigMismatchError, CorruptCacheError
 from .fs import Location
-from .manifest import FORMAT_NAME, MANIFEST_FILE, SCHEMA_VERSION, SHARDS_DIR, TOKENIZER_DIR, check_schema, shard_name
+from .manifest import (
+    ALIGNMENT_SCHEMA_VERSION,
+    FORMAT_NAME,
+    MANIFEST_FILE,
+    SHARDS_DIR,
+    TOKENIZER_DIR,
+    check_schema,
+    shard_name,
+)
 from .reader import LogitCache
 from .shards import (
     bytes_checksum,
@@ -207,7 +215,12 @@ class AlignmentWriter:
         if not self.loc.exists(STORE_FILE):
             self.loc.fs.makedirs(self.loc.root, exist_ok=True)
             self.loc.write_json_atomic(
-                {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "kind": "alignment", "header": self.header},
+                {
+                    "format": FORMAT_NAME,
+                    "schema_version": ALIGNMENT_SCHEMA_VERSION,
+                    "kind": "alignment",
+                    "header": self.header,
+                },
                 STORE_FILE,
             )
 
@@ -234,7 +247,7 @@ class AlignmentWriter:
             pq.write_table(_table(records), os.path.join(scratch, ALIGNMENT_FILE), compression="zstd")
             return {"sequences": len(records), "stats": stats}
 
-        return commit_shard(self.loc.child(SHARDS_DIR), index, fill)
+        return commit_shard(self.loc.child(SHARDS_DIR), index, fill, ALIGNMENT_SCHEMA_VERSION)
 
     def save_vocab_map(self, teacher_to_student: np.ndarray) -> None:
         import tempfile
@@ -269,7 +282,7 @@ class AlignmentWriter:
             stats = merge_alignment_stats(stats, m["stats"])
         manifest = {
             "format": FORMAT_NAME,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": ALIGNMENT_SCHEMA_VERSION,
             "kind": "alignment",
             "header": self.header,
             "shards": [{k: m[k] for k in ("name", "index", "sequences", "bytes", "checksum")} for m in markers],

@@ -14,6 +14,16 @@ Ids (int32 ``[n, K]``, vocabulary 262,144 = 18 bits):
                                 the empirical iid entropy is 98 B/row (K=64), int32 stores 107. Tried and
                                 dropped: uint16 low + uint8 high parts 105 B (-2%), three byte planes 106 B,
                                 ids sorted per row + deltas + uint8 permutation 120 B.
+``rank`` (format v2, lossless)  part ``ranks`` uint16 ``[n, K]`` (uint32 past 65,536 distinct ids) and the
+                                shard-level part ``dict`` int32 ``[D]``: the shard's distinct ids, most frequent
+                                first. Real rows are not iid Zipf draws over the whole vocabulary: they reuse a
+                                few thousand ids, so ranks are small. Real-row caches (``bench/storage.py
+                                --real``): SmolLM2 (49k vocab) 104 -> 93 B/row, Gemma 3 (262k) 118 -> 91 B/row
+                                at K=64; the shard's iid entropy under its own frequencies is 87 B, so an entropy
+                                coder (ANS) over the same model would win <= 5%, at a decode cost far from 2M
+                                rows/s. Tried on real rows and dropped: ids as references into the previous
+                                row's top-K (only 19-20% of ids recur at the next position: 100 B), column-major
+                                chunks (no gain), bit shuffle (-0.7 B), zstd level 9 (no gain).
 
 Logprobs (float32 ``[n, K]``, rows sorted descending, ``<= 0``, ``-inf`` allowed):
 
@@ -198,6 +208,46 @@ class Fp16Logprobs:
         return {"name": self.name}
 
 
+class Fp16rLogprobs:
+    """float16 rounded to ``10 - drop`` mantissa bits (format v2): the bit patterns shifted right by ``drop``,
+    differenced along the row.
+
+    Values are rounded once, from float32 to ``10 - drop`` mantissa bits (nearest, ties away from zero), then
+    cast to float16, whose low ``drop`` pattern bits are then zero and are not stored. Rounding is monotone, so
+    rows stay sorted; ``-inf`` and ``-0.0`` are kept; below -65504 is ``-inf``, as in ``fp16``. ``drop = 1``
+    is still fp16-grade on real rows (``bench/storage.py --real``): mean KL ~8e-7 vs 1.8e-7 for ``fp16``, ~42 vs
+    50 B/position (SmolLM2 rows, K = 64); ``drop = 2``: ~35 B, 3e-6.
+    """
+
+    name: ClassVar[str] = "fp16r"
+    lossless: ClassVar[bool] = False
+
+    def __init__(self, drop: int = 1) -> None:
+        if not (isinstance(drop, int) and 0 <= drop <= 6):
+            raise ValueError(f"fp16r logprob codec: drop ({drop!r}) must be an integer in [0, 6]")
+        self.drop = drop
+
+    def encode(self, logprobs: np.ndarray) -> dict[str, np.ndarray]:
+        lp = _rows(logprobs, np.float32, "fp16r logprob codec")
+        if self.drop:  # one rounding, float32 -> 10 - drop mantissa bits (half away from zero on the magnitude)
+            keep = 13 + self.drop  # float32 mantissa bits to clear
+            u = lp.view(np.uint32)
+            rounded = ((u + np.uint32(1 << (keep - 1))) & np.uint32(~((1 << keep) - 1) & 0xFFFFFFFF)).view(np.float32)
+            lp = np.where(np.isfinite(lp), rounded, lp)  # -inf and NaN as they are
+        with np.errstate(over="ignore"):  # below -65504 is -inf in float16
+            bits = lp.astype(np.float16).view(np.uint16)
+        return {"f16r": _row_delta((bits >> self.drop).astype(np.uint16))}
+
+    def decode(self, parts: dict[str, np.ndarray], k: int) -> np.ndarray:
+        bits = _row_undelta(_part(parts, "f16r", self.name, k, np.uint16))
+        if self.drop:
+            bits = (bits << self.drop).astype(np.uint16)
+        return bits.view(np.float16).astype(np.float32)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "drop": self.drop}
+
+
 class U8cLogprobs:
     """Compact: exact row maximum + uint8 exponentially companded gaps to it (see the module docstring).
 
@@ -245,8 +295,79 @@ class U8cLogprobs:
         return {"name": self.name, "scale": self.scale, "max_gap": self.max_gap}
 
 
-ID_CODECS: dict[str, type] = {Int32Ids.name: Int32Ids}
-LOGPROB_CODECS: dict[str, type] = {c.name: c for c in (Fp16Logprobs, Fp32Logprobs, U8cLogprobs)}
+class RankIds:
+    """Lossless: ids replaced by their rank in a per-shard frequency dictionary (format v2).
+
+    Parts: ``ranks`` uint16 ``[n, K]`` (uint32 when the shard uses more than 65,536 distinct ids), and the
+    *shard-level* part ``dict`` int32 ``[D]``: the distinct ids of the shard, most frequent first (ties by id).
+    Decoding is one gather, ``dict[ranks]``. Real teacher rows put most of their mass on a few thousand ids, so
+    ranks are small and skewed, which Blosc's byte shuffle + zstd turns into ~11 bits per id instead of int32's 13
+    (docs/benchmarks.md, "Format v2"). Random access costs one extra read per shard (the dictionary, cached).
+    """
+
+    name: ClassVar[str] = "rank"
+    lossless: ClassVar[bool] = True
+    #: parts with one entry per dictionary item, not per row (stored once per shard; docs/format.md)
+    shard_parts: ClassVar[tuple[str, ...]] = ("dict",)
+    DECODE_ROWS: ClassVar[int] = 4096
+
+    def encode(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        a = np.asarray(ids)
+        if a.ndim != 2:
+            raise ValueError(f"rank id codec: expected a 2-D [n, K] array, got shape {a.shape}")
+        if a.size and (a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= 2**31):
+            raise ValueError("rank id codec: ids must be integers in [0, 2**31)")
+        if a.size == 0:
+            return {"ranks": np.zeros(a.shape, np.uint16), "dict": np.zeros(0, np.int32)}
+        step = self.DECODE_ROWS  # slices: no whole-shard intp copies (see decode)
+        width = int(a.max()) + 1
+        counts = np.zeros(width, np.int64)  # O(n + max id): ids are below the vocabulary size
+        for start in range(0, a.shape[0], step):
+            counts += np.bincount(a[start : start + step].reshape(-1), minlength=width)
+        present = np.flatnonzero(counts)
+        table = present[np.lexsort((present, -counts[present]))]  # most frequent first, ties by id
+        dtype = np.uint16 if len(table) <= 1 << 16 else np.uint32
+        rank_of = np.zeros(width, dtype)
+        rank_of[table] = np.arange(len(table), dtype=dtype)
+        ranks = np.empty(a.shape, dtype)
+        for start in range(0, a.shape[0], step):
+            np.take(rank_of, a[start : start + step].astype(np.intp), out=ranks[start : start + step])
+        return {"ranks": ranks, "dict": table.astype(np.int32)}
+
+    def decode(self, parts: dict[str, np.ndarray], k: int) -> np.ndarray:
+        if "ranks" not in parts or "dict" not in parts:
+            raise ValueError(f"codec 'rank': missing part 'ranks' or 'dict' (have {sorted(parts)})")
+        ranks = np.asarray(parts["ranks"])
+        table = np.ascontiguousarray(parts["dict"], dtype=np.int32).reshape(-1)
+        if ranks.ndim != 2 or ranks.shape[1] != k or ranks.dtype.kind != "u":
+            raise ValueError(
+                f"codec 'rank': part 'ranks' has shape {ranks.shape} {ranks.dtype}, expected [n, {k}] unsigned"
+            )
+        if ranks.size and int(ranks.max()) >= len(table):
+            raise ValueError(
+                f"codec 'rank': a rank ({int(ranks.max())}) is outside the dictionary ({len(table)} ids)"
+            )
+        # in slices: numpy gathers with intp indices, and a whole block's intp copy (8 bytes per id, tens of MB)
+        # would be a fresh mmap every call (page faults: 2-3x slower than the gather itself)
+        out = np.empty(ranks.shape, np.int32)
+        for start in range(0, ranks.shape[0], self.DECODE_ROWS):
+            stop = start + self.DECODE_ROWS
+            np.take(table, ranks[start:stop].astype(np.intp), out=out[start:stop])
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+ID_CODECS: dict[str, type] = {Int32Ids.name: Int32Ids, RankIds.name: RankIds}
+#: id codecs that need format v2 (schema_version 2): their caches are refused by v1-only readers by version
+V2_ID_CODECS = frozenset({RankIds.name})
+
+
+def shard_parts(codec: Any) -> tuple[str, ...]:
+    """Names of a codec's shard-level parts (one array per shard, not per row); empty for row-only codecs."""
+    return tuple(getattr(codec, "shard_parts", ()))
+LOGPROB_CODECS: dict[str, type] = {c.name: c for c in (Fp16Logprobs, Fp32Logprobs, Fp16rLogprobs, U8cLogprobs)}
 
 
 def _from_config(kind: str, registry: dict[str, type], cfg: Mapping[str, Any]) -> Any:

@@ -166,15 +166,16 @@ class Location:
     def read_bytes(self, *parts: str) -> bytes:
         return bytes(self.fs.cat_file(self.path(*parts)))
 
-    def open_parquet(self, *parts: str) -> Any:
+    def open_parquet(self, *parts: str, **options: Any) -> Any:
         """A ``pyarrow.parquet.ParquetFile`` on the file at ``parts`` that reads on the calling thread only.
 
-        Read it with ``use_threads=False`` (see the module docstring, "Parquet and threads")."""
+        Read it with ``use_threads=False`` (see the module docstring, "Parquet and threads"); ``options`` go to
+        ``ParquetFile`` (e.g. ``page_checksum_verification=True``)."""
         import pyarrow.parquet as pq
 
         if self.is_local:
-            return pq.ParquetFile(self.path(*parts), pre_buffer=False)
-        return pq.ParquetFile(self.fs.open(self.path(*parts), "rb"), pre_buffer=False)
+            return pq.ParquetFile(self.path(*parts), pre_buffer=False, **options)
+        return pq.ParquetFile(self.fs.open(self.path(*parts), "rb"), pre_buffer=False, **options)
 
     def read_parquet(self, *parts: str, columns: list[str] | None = None) -> Any:
         """The parquet file at ``parts`` as a ``pyarrow.Table``, read on the calling thread (never Arrow's pools)."""

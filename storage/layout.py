@@ -14,6 +14,9 @@ field                 stored as                  decoded
 ``logit_std``         ``logit_std`` float32      float32 ``[n]`` (only with ``logit_moments``)
 ====================  =========================  ==========================================
 
+Format v2 codecs may also have *shard-level* parts (the ``rank`` id codec's ``dict``): 1-D arrays stored once per
+shard, listed in the marker's ``tables`` (``split_shard_parts``), and handed to the codec with the row parts.
+
 The sequence table is one Parquet file per shard, one row per sequence, in the order the sequences were
 written; ``row_start``/``row_count`` index the shard's position arrays.
 """
@@ -26,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .codecs import IdCodec, LogprobCodec
+from .codecs import IdCodec, LogprobCodec, shard_parts
 from .records import PositionRows, SequenceRecord
 
 SEQUENCE_SCHEMA = pa.schema(
@@ -69,6 +72,18 @@ def encode_rows(
     return parts
 
 
+def split_shard_parts(
+    parts: dict[str, np.ndarray], id_codec: IdCodec, lp_codec: LogprobCodec
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(row parts, shard-level parts)`` of ``encode_rows``' output: format v2 codecs (``rank``) have parts with
+    one entry per dictionary item rather than per row; they are stored once per shard (the marker's ``tables``)."""
+    tables = {f"topk_ids.{p}" for p in shard_parts(id_codec)} | {f"topk_logprobs.{p}" for p in shard_parts(lp_codec)}
+    return (
+        {name: a for name, a in parts.items() if name not in tables},
+        {name: a for name, a in parts.items() if name in tables},
+    )
+
+
 def decode_rows(
     parts: dict[str, np.ndarray],
     id_codec: IdCodec,
@@ -94,6 +109,11 @@ def decode_rows(
 def part_specs(parts: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """``{name: {"dtype", "shape"}}`` of encoded parts (shape without the leading row dimension)."""
     return {name: {"dtype": a.dtype.str, "shape": list(a.shape[1:])} for name, a in parts.items()}
+
+
+def table_specs(tables: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """``{name: {"dtype", "length"}}`` of shard-level parts (1-D arrays)."""
+    return {name: {"dtype": a.dtype.str, "length": int(a.shape[0])} for name, a in tables.items()}
 
 
 def sequence_table(records: list[SequenceRecord]) -> pa.Table:

@@ -24,7 +24,10 @@ import numpy as np
 
 from .errors import CorruptCacheError, SchemaVersionError
 
-SCHEMA_VERSION = 1
+#: the newest cache schema this code reads and the one new caches get (docs/format.md); a v1 cache being resumed
+#: keeps writing v1 shards. Alignment stores did not change and stay at ``ALIGNMENT_SCHEMA_VERSION``.
+SCHEMA_VERSION = 2
+ALIGNMENT_SCHEMA_VERSION = 1
 FORMAT_NAME = "logitcache"
 HEADER_FILE = "cache.json"
 MANIFEST_FILE = "manifest.json"
@@ -127,7 +130,8 @@ def _comparable(old: dict[str, Any], new: dict[str, Any], runtime: dict[str, Any
     - ``capture.end_token_ids``: compared only when both headers have it;
     - ``capture.score_end_token``: a cache without it ended score-mode spans with the tokenizer's EOS, so it
       matches a new one whose end token is that EOS (``source: eos_token``) and is refused otherwise, with why;
-    - ``config.dtype``: an old ``"auto"`` equals what auto resolves to for the new run (``runtime.dtype_auto``).
+    - ``config.dtype``: an old ``"auto"`` equals what auto resolves to for the new run (``runtime.dtype_auto``);
+    - ``config.id_codec``: a config without it (before format v2) wrote int32 ids, so it matches ``int32``.
     """
     old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
     reasons: list[str] = []
@@ -150,6 +154,9 @@ def _comparable(old: dict[str, Any], new: dict[str, Any], runtime: dict[str, Any
     dtype = nconf.get("dtype") if isinstance(nconf, dict) else None
     if isinstance(oconf, dict) and oconf.get("dtype") == "auto" and dtype == runtime.get("dtype_auto"):
         oconf["dtype"] = dtype
+    new_ids = nconf.get("id_codec") if isinstance(nconf, dict) else None
+    if isinstance(oconf, dict) and isinstance(nconf, dict) and "id_codec" not in oconf and new_ids == "int32":
+        nconf.pop("id_codec")
     return old, new, reasons
 
 

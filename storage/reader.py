@@ -94,6 +94,8 @@ class LogitCache:
         self._tables: OrderedDict[int, pa.Table] = OrderedDict()
         self._readers: OrderedDict[int, PositionReader] = OrderedDict()
         self._parts: dict[int, dict[str, dict[str, Any]]] = {}
+        self._table_specs: dict[int, dict[str, dict[str, Any]]] = {}
+        self._tables_data: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._max_open = max_open_shards
         self._index: dict[int, tuple[int, int]] | None = None
 
@@ -148,11 +150,40 @@ class LogitCache:
             self._tables.popitem(last=False)
         return table
 
+    @property
+    def schema_version(self) -> int:
+        return int(self.manifest["schema_version"])
+
+    def table_specs(self, index: int) -> dict[str, dict[str, Any]]:
+        """Shard-level parts of shard ``index`` (format v2 codecs' dictionaries; empty for v1 shards)."""
+        self.part_specs(index)
+        return self._table_specs[index]
+
+    def shard_tables(self, index: int) -> dict[str, np.ndarray]:
+        """The shard-level parts of shard ``index``, read once and kept with the open shard."""
+        if index in self._tables_data:
+            self._tables_data.move_to_end(index)
+            return self._tables_data[index]
+        specs = self.table_specs(index)
+        data = self.position_reader(index).read_tables(list(specs)) if specs else {}
+        for name, a in data.items():
+            if a.shape != (specs[name]["length"],):
+                raise CorruptCacheError(
+                    f"{self.shard_location(index).url}: shard-level part {name!r} has shape {a.shape}, the marker "
+                    f"says ({specs[name]['length']},)"
+                )
+        self._tables_data[index] = data
+        if len(self._tables_data) > self._max_open:
+            self._tables_data.popitem(last=False)
+        return data
+
     def part_specs(self, index: int) -> dict[str, dict[str, Any]]:
         if index not in self._parts:
             loc = self.shard_location(index)
             try:
-                self._parts[index] = loc.read_json(SHARD_MARKER)["parts"]
+                marker = loc.read_json(SHARD_MARKER)
+                self._parts[index] = marker["parts"]
+                self._table_specs[index] = marker.get("tables", {})
             except FileNotFoundError as e:
                 raise CorruptCacheError(f"{loc.url_of(SHARD_MARKER)}: missing (shard incomplete)") from e
             except (ValueError, KeyError) as e:
@@ -163,7 +194,7 @@ class LogitCache:
         if index in self._readers:
             self._readers.move_to_end(index)
             return self._readers[index]
-        reader = self.backend.open(self.shard_location(index), self.part_specs(index))
+        reader = self.backend.open(self.shard_location(index), self.part_specs(index), self.table_specs(index))
         self._readers[index] = reader
         if len(self._readers) > self._max_open:
             self._readers.popitem(last=False)
@@ -173,6 +204,9 @@ class LogitCache:
         """Decoded rows ``[start, stop)`` of shard ``index``'s position arrays."""
         reader = self.position_reader(index)
         parts = reader.read(list(self.part_specs(index)), start, stop)
+        tables = self.shard_tables(index)
+        if tables:
+            parts = {**parts, **tables}
         h = self.header
         return decode_rows(parts, self.id_codec, self.lp_codec, h.extra_temperatures, self.top_k, h.logit_moments)
 

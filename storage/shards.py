@@ -74,7 +74,9 @@ def check_file_checksums(folder: Location, expected: dict[str, str], where: str)
     return problems
 
 
-def commit_shard(parent: Location, index: int, fill: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+def commit_shard(
+    parent: Location, index: int, fill: Callable[[str], dict[str, Any]], schema_version: int = SCHEMA_VERSION
+) -> dict[str, Any]:
     """Build shard ``index`` under ``parent``: ``fill(scratch_dir)`` writes its files and returns marker fields.
 
     The marker gets ``format``, ``schema_version``, ``name``, ``index``, ``files`` (relative path -> size),
@@ -93,7 +95,7 @@ def commit_shard(parent: Location, index: int, fill: Callable[[str], dict[str, A
         files = local.files()
         marker = {
             "format": FORMAT_NAME,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": schema_version,
             "name": name,
             "index": index,
             **extra,

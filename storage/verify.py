@@ -143,6 +143,8 @@ def _verify_shard(
         return
     fix = f"run `logitcache finalize {cache.loc.url}` to rewrite it from the shard markers"
     file_problems = verify_shard_files(loc, marker, info.checksum, where, manifest_fix=fix)
+    if file_problems and marker.get("chunk_checksums"):  # format v2: say which coded chunks the damage hit
+        file_problems += locate_damaged_chunks(cache, index)
     if file_problems or level == "checksums":
         problems += file_problems
         return
@@ -200,8 +202,43 @@ def _verify_shard(
             rows = cache.read_rows(index, start, stop)
         except (CacheError, ValueError) as e:
             problems.append(f"{where}: rows {start}:{stop}: {e}")
+            problems += locate_damaged_chunks(cache, index)
             return
         _check_rows(rows, vocab, f"{where} rows {start}:{stop}", problems)
+
+
+def locate_damaged_chunks(cache: LogitCache, index: int, limit: int = 10) -> list[str]:
+    """One line per coded chunk of shard ``index`` that fails to decode, naming its part (the stored field) and
+    chunk: ``shard-000003: part topk_ids.ranks, chunk 5 (rows 20480:24576): ...``. Format v2 chunks carry a
+    checksum (crc32c in Zarr, page CRCs in Parquet), so a damaged one fails here instead of decoding into
+    garbage; v1 chunks are found only when the damage breaks their compression."""
+    where = cache._info(index).name
+    try:
+        reader = cache.position_reader(index)
+    except CacheError as e:
+        return [f"{where}: position arrays cannot be opened ({e})"]
+    out: list[str] = []
+    for name in cache.table_specs(index):
+        try:
+            reader.read_tables([name])
+        except (CacheError, ValueError) as e:
+            out.append(f"{where}: shard-level part {name} cannot be decoded ({_short(e)})")
+    step = max(1, reader.chunk_rows)
+    for name in cache.part_specs(index):
+        for c, start in enumerate(range(0, reader.n, step)):
+            stop = min(reader.n, start + step)
+            try:
+                reader.read([name], start, stop)
+            except (CacheError, ValueError) as e:
+                out.append(f"{where}: part {name}, chunk {c} (rows {start}:{stop}) cannot be decoded ({_short(e)})")
+                if len(out) >= limit:
+                    return [*out, f"{where}: ... (stopped after {limit} damaged chunks)"]
+    return out
+
+
+def _short(e: Exception) -> str:
+    text = str(e)
+    return text if len(text) < 160 else text[:157] + "..."
 
 
 def _list_lengths(table: Any, name: str) -> np.ndarray:

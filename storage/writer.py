@@ -35,7 +35,7 @@ from .backends import make_backend
 from .codecs import id_codec_from_config, logprob_codec_from_config
 from .errors import CacheError, ConfigMismatchError, CorruptCacheError
 from .fs import Location, upload_dir
-from .layout import encode_rows, part_specs, sequence_table
+from .layout import encode_rows, part_specs, sequence_table, split_shard_parts, table_specs
 from .manifest import (
     FORMAT_NAME,
     HEADER_FILE,
@@ -84,6 +84,8 @@ class CacheWriter:
     ) -> None:
         self.loc = Location.parse(url, storage_options)
         self._header_restored = _header_restored
+        #: the schema this writer writes: new caches get the newest (2); a v1 cache being resumed stays v1
+        self.schema_version = SCHEMA_VERSION
         self.header = header
         self.id_codec = id_codec_from_config(header.id_codec)
         self.lp_codec = logprob_codec_from_config(header.logprob_codec)
@@ -106,7 +108,7 @@ class CacheWriter:
                 raise CorruptCacheError(f"{loc.url_of(HEADER_FILE)}: {header_file_advice(loc, e)}") from e
             damaged = True
         if damaged and copy is not None:  # restore the header file from the manifest's checksummed copy
-            doc = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "header": copy}
+            doc = {"format": FORMAT_NAME, "schema_version": _manifest_version(loc), "header": copy}
             loc.write_json_atomic(doc, HEADER_FILE)
         check_schema(doc, loc.url_of(HEADER_FILE))
         return CacheWriter(
@@ -143,6 +145,8 @@ class CacheWriter:
                 check_schema(doc, loc.url_of(HEADER_FILE))
                 existing = CacheHeader.from_dict(doc["header"], loc.url_of(HEADER_FILE))
                 diffs = existing.differences(self.header)
+                if not diffs:
+                    self.schema_version = int(doc["schema_version"])
                 if diffs and not overwrite:
                     raise ConfigMismatchError(
                         f"{loc.url}: holds a cache with a different config ({'; '.join(diffs[:3])}"
@@ -160,7 +164,7 @@ class CacheWriter:
         if not loc.exists(HEADER_FILE):
             loc.fs.makedirs(loc.root, exist_ok=True)
             loc.write_json_atomic(
-                {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "header": self.header.to_dict()},
+                {"format": FORMAT_NAME, "schema_version": self.schema_version, "header": self.header.to_dict()},
                 HEADER_FILE,
             )
 
@@ -218,23 +222,27 @@ class CacheWriter:
             if records
             else PositionRows.empty(k, tuple(self.header.extra_temperatures), self.header.logit_moments)
         )
-        parts = encode_rows(
-            rows, self.id_codec, self.lp_codec, self.header.extra_temperatures, self.header.logit_moments
+        parts, tables = split_shard_parts(
+            encode_rows(rows, self.id_codec, self.lp_codec, self.header.extra_temperatures, self.header.logit_moments),
+            self.id_codec,
+            self.lp_codec,
         )
+        v2 = self.schema_version >= 2
 
         def fill(scratch: str) -> dict[str, Any]:
-            self.backend.write(parts, scratch)
+            self.backend.write(parts, scratch, tables=tables, checksums=v2)
             pq.write_table(sequence_table(records), os.path.join(scratch, SEQUENCES_FILE), compression="zstd")
             return {
                 "sequences": len(records),
                 "positions": rows.n,
                 "parts": part_specs(parts),
+                **({"tables": table_specs(tables), "chunk_checksums": "crc32c"} if v2 else {}),
                 "stats": _shard_stats(records, rows),
                 "counters": {k: int(v) for k, v in sorted((counters or {}).items())},
                 **({"skipped": list(skipped)} if skipped else {}),
             }
 
-        marker = commit_shard(self.loc.child(SHARDS_DIR), index, fill)
+        marker = commit_shard(self.loc.child(SHARDS_DIR), index, fill, self.schema_version)
         return marker
 
     # -- extras --------------------------------------------------------------------------------------------
@@ -271,7 +279,7 @@ class CacheWriter:
         header["metadata"]["runtime"].setdefault("versions", _versions())
         manifest = {
             "format": FORMAT_NAME,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.schema_version,
             "header": header,
             "num_shards": len(done),
             "shards": [
@@ -291,6 +299,15 @@ class CacheWriter:
         }
         self.loc.write_json_atomic(manifest, MANIFEST_FILE)
         return manifest
+
+
+def _manifest_version(loc: Location) -> int:
+    """The schema version the manifest records (what a restored ``cache.json`` gets); the newest if unreadable."""
+    try:
+        version = loc.read_json(MANIFEST_FILE)["schema_version"]
+        return version if isinstance(version, int) and 1 <= version <= SCHEMA_VERSION else SCHEMA_VERSION
+    except Exception:
+        return SCHEMA_VERSION
 
 
 def intact_manifest_header(loc: Location) -> dict[str, Any] | None:

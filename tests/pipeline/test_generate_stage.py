@@ -158,3 +158,21 @@ def test_sigkill_then_rerun_has_no_duplicates_or_gaps(teacher, tmp_path):
     subprocess.run([*cli, "--out", str(tmp_path / "clean")], check=True, capture_output=True)
     assert sorted(LogitCache.open(out).sample_ids().tolist()) == list(range(24))
     assert_caches_equal(out, tmp_path / "clean")
+
+
+def test_id_codec_rank_writes_the_same_rows_as_int32(teacher, prompts, tmp_path):
+    """`generate --id-codec rank` (format v2) stores the same rows as the default int32 ids; a cache made
+    before the flag existed (no `id_codec` in its config) still resumes under the default."""
+    import json
+
+    run_generate(cfg(teacher, prompts, tmp_path / "a", mode="score"))
+    run_generate(cfg(teacher, prompts, tmp_path / "b", mode="score", id_codec="rank"))
+    assert LogitCache.open(tmp_path / "b").header.id_codec == {"name": "rank"}
+    assert verify_cache(tmp_path / "b") == []
+    assert_caches_equal(tmp_path / "a", tmp_path / "b")
+    doc = json.loads((tmp_path / "a" / "cache.json").read_text())
+    doc["header"]["metadata"]["config"].pop("id_codec")  # what a pre-v2 cache.json holds
+    (tmp_path / "a" / "cache.json").write_text(json.dumps(doc))
+    (tmp_path / "a" / "manifest.json").unlink()
+    summary = run_generate(cfg(teacher, prompts, tmp_path / "a", mode="score"))
+    assert summary["finalized"]

@@ -33,6 +33,22 @@ def test_s3_roundtrip(s3):
         assert verify_cache(f"{url}-{backend}", storage_options=s3) == []
 
 
+def test_s3_roundtrip_format_v2(s3):
+    """Format v2 over S3: the rank codec's shard-level dictionary and the chunk checksums, both backends."""
+    rng = np.random.default_rng(1)
+    shards = [[random_record(rng, i + 10 * s, n_completion=5) for i in range(3)] for s in range(2)]
+    for backend in ("zarr", "arrow"):
+        url = f"s3://caches/v2-{backend}"
+        write_cache(url, shards, backend=backend, storage_options=s3, id_codec={"name": "rank"},
+                    logprob_codec="fp16r")
+        cache = LogitCache.open(url, storage_options=s3)
+        assert cache.schema_version == 2
+        for recs in shards:
+            for r in recs:
+                assert_records_equal(r, cache.get(r.sample_id), exact_logprobs=False, atol=0.03)
+        assert verify_cache(url, storage_options=s3) == []
+
+
 def test_s3_shard_without_marker_is_ignored_then_rewritten(s3):
     """A killed writer's marker-less shard never reads as complete; its rewrite replaces it whole."""
     import s3fs
