@@ -89,9 +89,10 @@ class RunContext:
                 yield
 
     def lockstep(self, items: Iterable[T]) -> Iterator[tuple[T | None, bool]]:
-        """``(item, True)`` per item; under FSDP then ``(None, False)`` while another rank still has items: the
-        rank must run ``idle_forward`` then, since every FSDP forward is a collective."""
-        if self.parallel != "fsdp":
+        """``(item, True)`` per item, then ``(None, False)`` while another rank still has items: the rank must run
+        ``idle_forward`` then, since a forward is a collective (FSDP all-gathers the parameters; DDP broadcasts
+        the buffers, and a rank that stopped early left the others hanging in it)."""
+        if self.parallel == "none":
             yield from ((item, True) for item in items)
             return
         yield from fsdp.lockstep(items, lambda flag: self.all_sum([float(flag)])[0] > 0)

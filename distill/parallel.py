@@ -16,9 +16,10 @@ all-reduce volume, which on NVLink is mostly hidden behind compute and across sl
   optimizer. ``full_state_dict`` gathers the parameters to rank 0 (on the CPU) for a normal ``save_pretrained``
   folder that ``eval`` and users load like any other: every checkpoint has one, at the cost of rank 0 holding one
   fp32 copy of the student in host memory while it writes.
-- Collectives: an FSDP forward is itself a collective (the all-gather), so every rank must run the same number
-  of forwards. Training does (``--grad-accum`` micro-batches per step on every rank); evaluation, whose ranks
-  hold different numbers of batches, runs ``lockstep`` and lets a rank that ran out join with ``idle_forward``.
+- Collectives: an FSDP forward is itself a collective (the all-gather; a DDP forward broadcasts the buffers), so
+  every rank must run the same number of forwards. Training does (``--grad-accum`` micro-batches per step on
+  every rank); evaluation, whose ranks hold different numbers of batches, runs ``lockstep`` and lets a rank that
+  ran out join with ``idle_forward`` (under DDP too: ``RunContext.lockstep``).
 
 Everything here runs on CPU with gloo (the tests do) as well as on GPUs with NCCL.
 """

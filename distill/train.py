@@ -190,7 +190,7 @@ def heldout_metrics(
             for n, (item, real) in enumerate(ctx.lockstep(loader)):
                 if cfg.eval_batches is not None and n >= cfg.eval_batches:
                     break
-                if item is None or not real:  # FSDP: this rank is done, the others still all-gather
+                if item is None or not real:  # this rank is done, the others' forwards still need it
                     ctx.idle_forward(model)
                     continue
                 batch = item[0]

@@ -115,6 +115,23 @@ def single_process_reference(setup: dict[str, Path], out: Path) -> list[float]:
     return [sum(totals[i : i + cfg.grad_accum]) / cfg.grad_accum for i in range(0, len(totals), per_step)]
 
 
+def eval_batches_per_rank(setup: dict[str, Path], out: Path) -> list[int]:
+    """How many held-out batches each of 2 ranks evaluates with ``FLAGS``."""
+    import torch
+
+    from logitcache.distill import train as T
+    from logitcache.distill.context import RunContext
+    from logitcache.models import load_tokenizer
+
+    cfg = TrainConfig(cache=str(setup["cache"]), student=str(setup["student"]), out=str(out), **FLAGS)
+    data = T.open_inputs(cfg, load_tokenizer(cfg.student))
+    counts = []
+    for r in range(2):
+        n = sum(1 for _ in data.stream(cfg, RunContext(r, 2, r, torch.device("cpu"), False), "eval"))
+        counts.append(-(-n // cfg.batch_size))
+    return counts
+
+
 @pytest.fixture(scope="module")
 def reference(setup, tmp_path_factory):
     return single_process_reference(setup, tmp_path_factory.mktemp("reference") / "run")
@@ -141,7 +158,10 @@ def test_two_ranks_match_one_process_over_the_same_batches(setup, tmp_path, refe
     # sync, clipping per shard) moves the loss (> 1e-2 here)
     for step, (x, ref) in enumerate(zip(m, reference, strict=True), start=1):
         assert x["loss"] == pytest.approx(ref, rel=1e-5), (step, x["loss"], ref)
-    # evaluation (every rank its share, summed; FSDP's ranks forward in lockstep) agrees with DDP's
+    # evaluation (every rank its share, summed; FSDP's ranks forward in lockstep) agrees with DDP's; precondition:
+    # the ranks hold different numbers of held-out batches, so one of them waits in lockstep with a dummy forward
+    counts = eval_batches_per_rank(setup, tmp_path / "counts")
+    assert counts[0] != counts[1] and min(counts) > 0, counts
     for x, y in zip(m, ddp_run, strict=True):
         assert ("eval/loss" in x) == ("eval/loss" in y) == (x["step"] % 2 == 0)
         if "eval/loss" in x:
