@@ -48,6 +48,7 @@ from .checkpoint import (
 )
 from .context import RunContext
 from .data import ExampleStream, Prefetcher, student_end_id
+from .diagnostics import term_grad_norms
 from .integrity import StudentLimits
 from .losses import CombinedLoss, check_statistics, parse_loss_spec
 from .train_config import TrainConfig
@@ -287,6 +288,8 @@ class _Trainer:
             with self.ctx.accumulating(self.ddp, sync=micro == cfg.grad_accum - 1), self.ctx.autocast():
                 db = student_forward(self.ddp, batch, same_vocab=self.data.same_vocab)
                 result = self.loss(db)
+            if micro == 0 and cfg.grad_norm_every and (self.step_no + 1) % cfg.grad_norm_every == 0:
+                logs.update(term_grad_norms(db, result, self.loss.configs))  # issue 14: each term's pull
             (result.total / cfg.grad_accum).backward()
             step_tokens += int(db.student_mask.sum())
             for key, v in result.log().items():

@@ -69,6 +69,11 @@ class TrainConfig:
         choices=["none", "checksums", "full"],
     )
     log_every: int = option(1, "Write metrics every N steps.")
+    grad_norm_every: int = option(
+        0,
+        "Every N steps, log each loss term's gradient norm w.r.t. the student logits and its ratio to ce's "
+        "(gradnorm/*, gradnorm_ratio/*; 0: off).",
+    )
     prefetch: int = option(4, "Batches collated ahead on a background thread.")
     threads: int | None = option(None, "Torch intra-op threads (default: torch's; 1 is steadier on busy shared CPUs).")
 
@@ -87,6 +92,7 @@ class TrainConfig:
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         check(self.warmup_steps >= 0 and self.eval_every >= 0, "warmup_steps", "must be >= 0")
+        check(self.grad_norm_every >= 0, "grad_norm_every", f"must be >= 0, got {self.grad_norm_every}")
         if isinstance(self.out, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", self.out):
             raise ConfigError(
                 f"--out {self.out}: train writes checkpoints to a local or network-filesystem folder, not a URL; "

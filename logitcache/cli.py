@@ -65,7 +65,8 @@ def main() -> None:
 
     \b
     Stages:  generate (teacher -> CACHE)  ->  align (CACHE + student tokenizer)  ->  train (student)
-    Storage: inspect, verify, show.  Run `logitcache COMMAND --help` for each.
+    Baseline: sft (plain fine-tuning from --data).  Eval: eval.  Storage: inspect, verify, show.
+    Run `logitcache COMMAND --help` for each.
     """
 
 
@@ -180,6 +181,40 @@ def train(config_file: str | None, **flags: Any) -> None:
         f"{s['last'].get('loss', float('nan')):.4f}"
         + (f"; eval ce {ev['eval/ce']:.4f} ppl {ev['eval/ppl']:.2f}" if ev else "")
         + f"; checkpoint {s['checkpoint']}"
+    )
+
+
+def _sft_config() -> type:
+    from logitcache.distill.sft_config import SFTConfig
+
+    return SFTConfig
+
+
+@main.command()
+@click_options(_sft_config())
+@user_errors
+def sft(config_file: str | None, **flags: Any) -> None:
+    """Supervised fine-tuning of --model on --data (prompt + response records): no cache, no teacher.
+
+    \b
+    The SFT baseline, or a teacher fine-tuned on the task before `generate`. Prompts are rendered as generate
+    and eval render them; the loss covers the response and the token that ends the model's turn.
+    Resume: rerun with --resume. The fine-tuned model: OUT/final (a save_pretrained folder).
+    """
+    from logitcache.config import from_sources
+    from logitcache.distill.sft_config import SFTConfig
+
+    cfg = from_sources(SFTConfig, flags, config_file)
+    from logitcache.distill.sft import run_sft
+
+    s = run_sft(cfg)
+    ev = s["eval"]
+    click.echo(
+        f"sft: {s['steps']} steps on {s['train_records']} records ({s['heldout_records']} held out, "
+        f"{s['skipped_overlong']} skipped as longer than --max-length), {s['tokens']} response tokens in "
+        f"{s['seconds']:.1f}s; last loss {s['last'].get('loss', float('nan')):.4f}"
+        + (f"; eval ce {ev['eval/ce']:.4f} ppl {ev['eval/ppl']:.2f}" if ev else "")
+        + f"; model {s['model']}"
     )
 
 

@@ -43,7 +43,10 @@ def test_issue_example_keeps_no_half_character() -> None:
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    ids=st.lists(st.one_of(st.sampled_from(NON_ASCII), st.integers(0, len(TOK) - 1)), max_size=12),
+    # generation stops at the end token, so a completion never holds it before its last position
+    ids=st.lists(
+        st.one_of(st.sampled_from(NON_ASCII), st.integers(0, len(TOK) - 1).filter(lambda i: i != EOS)), max_size=12
+    ),
     end=st.booleans(),
 )
 def test_kept_prefix_decodes_and_is_maximal(ids: list[int], end: bool) -> None:
