@@ -272,7 +272,7 @@ def main() -> int:
     cfg = train_flags(inputs, ref_out, args, dtype="float32")
     code = run([*me, "--child", "reference", "--ranks", str(args.gpus), "--cfg", json.dumps(cfg)],
                root / "reference.log", args.timeout)
-    rows["reference (1 GPU)"] = results(ref_out, 1) | ({"error": f"exit {code}"} if code else {})
+    rows["reference (1 process)"] = results(ref_out, 1) | ({"error": f"exit {code}"} if code else {})
     for parallel in ("ddp", "fsdp"):
         for dtype in ("float32", "bfloat16"):
             out = root / f"{parallel}-{dtype}"
@@ -301,7 +301,7 @@ def main() -> int:
         resume_ok = code == 0 and len(a) == len(b) > 0 and max(abs(x - y) / abs(x) for x, y in zip(a, b)) <= 1e-5
         rows["fsdp resume (fp32)"] = row | ({"error": f"exit {code}"} if code else {})
 
-    ref = rows["reference (1 GPU)"]["losses"]
+    ref = rows["reference (1 process)"]["losses"]
     ddp32 = rows["ddp float32"]["losses"]
     failed = []
     print("\n| run | ranks | max rel. loss diff | vs | peak memory per rank (GiB) | step time (s) | note |")

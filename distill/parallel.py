@@ -8,9 +8,12 @@ all-reduce volume, which on NVLink is mostly hidden behind compute and across sl
 
 - ``shard``: ``fully_shard`` on each transformer block (the model's ``_no_split_modules`` classes, e.g.
   ``LlamaDecoderLayer``), then on the root, which holds the embeddings, the final norm and the LM head (tied or
-  not). The module stays the same object (FSDP2 swaps its class in place); its parameters become ``DTensor``
-  shards. Under bf16 the parameters are all-gathered and computed in bf16 and the gradients reduced in fp32
-  (``MixedPrecisionPolicy``); the sharded master copy and AdamW stay fp32, as they do under DDP + autocast.
+  not) and keeps them unsharded from its forward until its backward (``reshard_after_forward=False``), so code
+  that uses the head's weight after the forward (the fused head) sees the whole weight and its gradient is
+  reduce-scattered with the root's. The module stays the same object (FSDP2 swaps its class in place); its
+  parameters become ``DTensor`` shards. Under bf16 the parameters are all-gathered and computed in bf16 and the
+  gradients reduced in fp32 (``MixedPrecisionPolicy``); the sharded master copy and AdamW stay fp32, as they do
+  under DDP + autocast.
 - Checkpoints: ``save_sharded``/``load_sharded`` write and read model + optimizer with
   ``torch.distributed.checkpoint`` (DCP), every rank its own shard in parallel, no rank ever holding the whole
   optimizer. ``full_state_dict`` gathers the parameters to rank 0 (on the CPU) for a normal ``save_pretrained``
@@ -69,7 +72,9 @@ def shard(model: torch.nn.Module, device: torch.device, world: int, bf16: bool) 
     kwargs: dict[str, Any] = {"mesh": mesh} | ({"mp_policy": mp} if mp is not None else {})
     for block in transformer_blocks(model):
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    # the root keeps its parameters unsharded from its forward to its backward: the backward needs them at once,
+    # and a loss that reads the LM head's weight after the forward (the fused head) gets the whole weight
+    fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
 
 

@@ -206,3 +206,53 @@ def test_fsdp_resumed_from_its_sharded_checkpoint_matches_an_uninterrupted_run(s
     ddp = RunContext(rank=0, world=2, local_rank=0, device=torch.device("cpu"), bf16=False, parallel="ddp")
     with pytest.raises(ConfigError, match="--parallel fsdp"):
         load_checkpoint(ddp, ckpt)
+
+
+#: 2 ranks: the sharded student's LM head weight, read after the root forward (as the fused head does), is the
+#: whole weight, and the gradients through it equal one process's over both ranks' halves of the batch
+HEAD_SCRIPT = """
+import copy, json, sys, torch, torch.distributed as dist
+import torch.nn.functional as F
+from logitcache.testing.tiny_models import tiny_llama, unigram_tokenizer
+from logitcache.distill.parallel import shard
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+ref = tiny_llama(unigram_tokenizer(), seed=1).train()
+model = copy.deepcopy(ref)
+torch.manual_seed(0)
+x = torch.randint(0, 150, (4, 12))
+
+def loss_via_hidden(m, ids):
+    kept = []
+    hook = m.get_decoder().register_forward_hook(lambda _m, _a, out: kept.append(out.last_hidden_state))
+    m(input_ids=ids, logits_to_keep=1)
+    hook.remove()
+    w = m.get_output_embeddings().weight
+    shapes.append([type(w).__name__, list(w.shape)])
+    return F.cross_entropy((kept[0] @ w.T)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+shapes = []
+shard(model, torch.device("cpu"), 2, bf16=False)
+loss_via_hidden(model, x.chunk(2)[rank]).backward()
+grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+((loss_via_hidden(ref, x.chunk(2)[0]) + loss_via_hidden(ref, x.chunk(2)[1])) / 2).backward()
+diff = max(float((grads[n] - p.grad).abs().max() / p.grad.abs().max()) for n, p in ref.named_parameters())
+if rank == 0:
+    print(json.dumps({"head": shapes[0], "diff": diff, "sharded_rows": model.lm_head.weight.to_local().shape[0]}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_fsdp_lm_head_weight_is_whole_after_the_forward_and_its_gradient_is_reduced(tmp_path):
+    script = tmp_path / "head.py"
+    script.write_text(HEAD_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=100)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    vocab = out["head"][1][0]
+    assert out["sharded_rows"] == -(-vocab // 2)  # precondition: outside the forward, rank 0 holds half the rows
+    assert out["head"][0] == "Parameter" and out["head"][1] == [vocab, 32]  # after the forward: the whole weight
+    assert out["diff"] < 1e-5  # float32, 2 ranks: only the reduction order differs
