@@ -34,8 +34,12 @@ class RunContext:
     device: torch.device
     #: bf16 autocast around the student forward and the losses
     bf16: bool
-    #: "none" (one process), "ddp" or "fsdp"
-    parallel: str = "none"
+    #: "none" (one process), "ddp" or "fsdp"; default: "ddp" when there is more than one rank
+    parallel: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.parallel or self.world == 1:
+            self.parallel = "ddp" if self.world > 1 else "none"
 
     @staticmethod
     def setup(
