@@ -40,6 +40,7 @@ from .checkpoint import (
     data_identity,
     latest_checkpoint,
     load_checkpoint,
+    restore_training_state,
     save_checkpoint,
     seed_all,
     truncate_metrics,
@@ -187,9 +188,13 @@ def heldout_metrics(
     loader = Prefetcher(data.stream(cfg, ctx, "eval"), cfg.batch_size, data.pad_id, cfg.prefetch)
     try:
         with torch.no_grad():
-            for n, (batch, _, _) in enumerate(loader):
+            for n, (item, real) in enumerate(ctx.lockstep(loader)):
                 if cfg.eval_batches is not None and n >= cfg.eval_batches:
                     break
+                if item is None or not real:  # this rank is done, the others' forwards still need it
+                    ctx.idle_forward(model)
+                    continue
+                batch = item[0]
                 with ctx.autocast():
                     db = student_forward(model, batch, same_vocab=data.same_vocab)
                 out = loss(db)
@@ -258,7 +263,7 @@ class _Trainer:
         self.before: dict[str, float] = {}  # the run's totals up to the checkpoint resumed from
 
     def resume(self, state: Resumed) -> None:
-        self.optimizer.load_state_dict(state.optimizer)
+        restore_training_state(state, self.ddp, self.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.step_no, self.stream_state = state.step, state.stream
         self.before = dict(state.totals)
@@ -403,7 +408,7 @@ def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> 
             "--teacher: online mode needs a teacher scorer; run `logitcache train --teacher ...` or pass "
             "run_train(cfg, teacher_scorer=logitcache.pipeline.backend_hf.score_rows)"
         )
-    ctx = RunContext.setup(cfg.device, cfg.dtype, cfg.threads)
+    ctx = RunContext.setup(cfg.device, cfg.dtype, cfg.threads, cfg.parallel)
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.student)
     data = open_inputs(cfg, tokenizer)
@@ -413,7 +418,8 @@ def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> 
         return _finished_summary(ctx, out, resume_from, cfg)
     seed_all(cfg.seed + ctx.rank)
     student = str(resume_from / "student") if resume_from else cfg.student
-    model = load_model(student, dtype="float32", device=ctx.device)
+    # FSDP: loaded on the CPU, each block moved to the device as it is sharded (one block at a time there)
+    model = load_model(student, dtype="float32", device="cpu" if ctx.parallel == "fsdp" else ctx.device)
     model.train()
     data.student_vocab = _vocab_rows(model)
     teacher = None

@@ -55,6 +55,12 @@ class TrainConfig:
     overwrite: bool = option(False, "Start over in an --out that holds another run.")
     dtype: str = option("auto", "auto: bf16 autocast on GPU, float32 on CPU.", choices=["auto", "float32", "bfloat16"])
     device: str | None = option(None, "Torch device (default: cuda:LOCAL_RANK if available, else cpu).")
+    parallel: str = option(
+        "ddp",
+        "Under torchrun: ddp (a whole student per rank) or fsdp (parameters, gradients and optimizer state "
+        "sharded over the ranks; for students that do not fit one GPU). One process: ignored.",
+        choices=["ddp", "fsdp"],
+    )
     teacher: str | None = option(None, "Online mode: compute the teacher rows with this model instead of the cache.")
     verify: str = option(
         "checksums",
