@@ -184,7 +184,7 @@ def _view(buf: np.ndarray, name: str, count: int) -> Any:
     """Little-endian raw bytes ``[N, count * size]`` as a torch tensor of dtype ``name`` ``[N, count]``."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(buf))
+    t = torch.from_numpy(np.require(buf, requirements=["C", "W"]))
     return t.view(_torch_dtype(name)).reshape(buf.shape[0], count)
 
 

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from logitcache.config import ConfigError, to_dict
 from logitcache.storage import LogitCache
 
-from .distillkit_codec import DistillKitConfig, compress_logprobs, exact_config, pack_bits
+from .distillkit_codec import DistillKitConfig, compress_logprobs, exact_config, pack_bits, vocab_size_for
 from .interop_config import ExportConfig
 
 CONSUMERS = {
@@ -119,7 +119,7 @@ def export_topk(cfg: ExportConfig, cache: LogitCache, index: int, path: str) -> 
     v = ShardView(cache, index)
     outer, ids, lps = v.entries("range")
     t = v.table
-    texts = pc.binary_join_element_wise(t.column("prompt_text"), t.column("completion_text"), "")
+    texts = pc.binary_join_element_wise(t.column("prompt_text"), t.column("completion_text"), pa.scalar("", pa.large_string()))
     msg_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     table = pa.table({
         "sample_id": t.column("sample_id"),
@@ -211,7 +211,10 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     dk = None
     tokenizer = None
     if cfg.format == "distillkit":
-        dk = exact_config(cache.top_k, cache.vocab_size)
+        d = cache.vocab_size  # DistillKit's d for the tokenizer (sample_logits_vllm.py), at least the cache's ids
+        if cache.has_tokenizer():
+            d = max(d, vocab_size_for(cache.load_tokenizer()))
+        dk = exact_config(cache.top_k, d)
         if cfg.distillkit_config:
             import yaml
 

@@ -166,7 +166,7 @@ class ParquetSource:
                         f"{self.config_path}: d = {self.dk.d}, but DistillKit's vocabulary size of --teacher-tokenizer "
                         f"is {vocab_d} (max(len(vocab) + 1, max id)); is it the tokenizer the capture was made with?"
                     )
-                self.cols = ["input_ids", "compressed_logprobs", "bytepacked_indices"]
+                self.cols = ["input_ids", "bytepacked_indices", "compressed_logprobs"]  # ids, then values
             elif {"token_ids", "top_values"} <= names:
                 self.kind = "raw"
                 self.cols = ["input_ids", "token_ids", "top_values"]
