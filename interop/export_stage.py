@@ -119,7 +119,8 @@ def export_topk(cfg: ExportConfig, cache: LogitCache, index: int, path: str) -> 
     v = ShardView(cache, index)
     outer, ids, lps = v.entries("range")
     t = v.table
-    texts = pc.binary_join_element_wise(t.column("prompt_text"), t.column("completion_text"), pa.scalar("", pa.large_string()))
+    empty = pa.scalar("", pa.large_string())
+    texts = pc.binary_join_element_wise(t.column("prompt_text"), t.column("completion_text"), empty)
     msg_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     table = pa.table({
         "sample_id": t.column("sample_id"),
