@@ -143,31 +143,54 @@ def vocab_size_for(tokenizer: Any) -> int:
 
 def unpack_bits(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
     """``unpack_from_bytes``: ``count`` unsigned ``bits``-bit integers per row of ``buf`` (uint8 ``[N, M]``), MSB
-    first; returns int64 ``[N, count]``."""
+    first; returns ``[N, count]`` integers (uint8 for 1, 2, 4 and 8 bits, else int64)."""
     n, m = buf.shape
     if count * bits > m * 8:
         raise ValueError(f"{count} elements of {bits} bits need {count * bits} bits, rows hold {m * 8}")
     if count == 0:
         return np.zeros((n, 0), np.int64)
+    if 8 % bits == 0:  # 1, 2, 4, 8 bits: elements never straddle a byte; shift whole columns
+        per = 8 // bits
+        shifts = np.arange(8 - bits, -1, -bits, dtype=np.uint8)
+        parts = (buf[:, :, None] >> shifts) & np.uint8((1 << bits) - 1) if per > 1 else buf[:, :, None]
+        out = parts.reshape(n, m * per)
+        return out[:, :count] if out.shape[1] == count else np.ascontiguousarray(out[:, :count])
     if bits > 57:  # a 64-bit window cannot hold an element that straddles 9 bytes: expand to bits
         flat = np.unpackbits(buf, axis=1)[:, : count * bits].reshape(n, count, bits).astype(np.uint64)
         weights = np.left_shift(np.uint64(1), np.arange(bits - 1, -1, -1, dtype=np.uint64))
         return (flat * weights).sum(axis=2, dtype=np.uint64).astype(np.int64)
-    padded = np.zeros((n, m + 8), np.uint8)
+    padded = np.empty((n, m + 8), np.uint8)
     padded[:, :m] = buf
+    padded[:, m:] = 0
     windows = np.ndarray((n, m + 1), dtype=">u8", buffer=padded, strides=(m + 8, 1))  # unaligned BE windows
     start = np.arange(count, dtype=np.int64) * bits
     w = windows[:, start // 8].astype(np.uint64)
-    shift = (64 - (start % 8) - bits).astype(np.uint64)
-    return ((w >> shift) & np.uint64((1 << bits) - 1)).astype(np.int64)
+    np.right_shift(w, (64 - (start % 8) - bits).astype(np.uint64), out=w)
+    np.bitwise_and(w, np.uint64((1 << bits) - 1), out=w)
+    return w.view(np.int64)
 
 
 def pack_bits(x: np.ndarray, bits: int) -> np.ndarray:
-    """``pack_to_bytes``: integers ``[N, C]`` (masked to ``bits``) into uint8 ``[N, ceil(C * bits / 8)]``, MSB first."""
+    """``pack_to_bytes``: integers ``[N, C]`` (masked to ``bits``) into uint8 ``[N, ceil(C * bits / 8)]``, MSB first.
+
+    Elements are OR-ed into unaligned big-endian 64-bit windows, in passes over elements far enough apart that
+    their windows do not overlap (no per-bit expansion)."""
     x = np.asarray(x).astype(np.uint64) & np.uint64((1 << bits) - 1)
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64)
-    expanded = ((x[..., None] >> shifts) & np.uint64(1)).astype(np.uint8).reshape(x.shape[0], -1)
-    return np.packbits(expanded, axis=1)
+    n, count = x.shape
+    m = (count * bits + 7) // 8
+    if bits > 57:
+        shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64)
+        expanded = ((x[..., None] >> shifts) & np.uint64(1)).astype(np.uint8).reshape(n, -1)
+        return np.packbits(expanded, axis=1)
+    padded = np.zeros((n, m + 8), np.uint8)
+    windows = np.ndarray((n, m + 1), dtype=">u8", buffer=padded, strides=(m + 8, 1))
+    start = np.arange(count, dtype=np.int64) * bits
+    shift = (64 - (start % 8) - bits).astype(np.uint64)
+    step = -(-72 // bits)  # elements this far apart start >= 9 bytes apart: their windows are disjoint
+    for g in range(min(step, count)):
+        j = np.arange(g, count, step)
+        windows[:, start[j] // 8] |= x[:, j] << shift[j]
+    return padded[:, :m].copy()
 
 
 # ---- logprobs ----------------------------------------------------------------------------------------------------
@@ -224,12 +247,16 @@ def decompress_logprobs(buf: np.ndarray, cfg: DistillKitConfig) -> np.ndarray:
         scale = _view(buf[:, pos : pos + sb], b.scale_dtype, 1)
         pos += sb
         pb = (b.num_elements * b.element_bits + 7) // 8
-        q = torch.from_numpy(unpack_bits(buf[:, pos : pos + pb], b.element_bits, b.num_elements))
+        qi = unpack_bits(buf[:, pos : pos + pb], b.element_bits, b.num_elements)
         pos += pb
+        # dequantize(): (q + quant_min) as float32, times the scale (float32 * float16 promotes to float32)
         if b.element_bits == 1:
-            residuals.append((q.to(torch.float32) * 2.0 - 1.0) * scale)
+            residuals.append((torch.from_numpy(qi.astype(np.float32)) * 2.0 - 1.0) * scale)
+        elif b.element_bits <= 24:  # small integers are exact in float32: same values without int64 tensors
+            residuals.append(torch.from_numpy(qi.astype(np.float32) - np.float32(2 ** (b.element_bits - 1))) * scale)
         else:
-            residuals.append((q + -(2 ** (b.element_bits - 1))).to(torch.float32) * scale)
+            q = torch.from_numpy(qi.astype(np.int64)) + -(2 ** (b.element_bits - 1))
+            residuals.append(q.to(torch.float32) * scale)
     approx_terms = cfg.k - cfg.exact_k
     filled = sum(b.num_elements for b in cfg.residual_bins)
     if residuals:

@@ -69,11 +69,16 @@ class Counters:
 
 
 def fix_rows(ids: np.ndarray, lps: np.ndarray, counters: Counters) -> tuple[np.ndarray, np.ndarray]:
-    """Rows as the cache requires them: no NaN, values <= 0, sorted descending (pairs kept). Vectorized."""
+    """Rows as the cache requires them: int32 ids, no NaN, values <= 0, sorted descending (each (id, logprob)
+    pair kept). Vectorized over the block; arrays are copied only when something changes."""
     lps = np.asarray(lps, dtype=np.float32)
-    ids = np.asarray(ids, dtype=np.int64)
+    ids = np.asarray(ids)
+    if ids.dtype != np.int32:
+        if ids.size and (int(ids.max()) > np.iinfo(np.int32).max or int(ids.min()) < 0):
+            raise ConfigError("a top-k id is outside [0, 2**31): not a token id")
+        ids = ids.astype(np.int32)
     if lps.size == 0:
-        return ids.astype(np.int32), lps
+        return ids, lps
     nan = np.isnan(lps)
     if nan.any():
         counters.add("nan_logprobs_dropped", int(nan.sum()))
@@ -86,10 +91,17 @@ def fix_rows(ids: np.ndarray, lps: np.ndarray, counters: Counters) -> tuple[np.n
         bad = np.flatnonzero((lps[:, 1:] > lps[:, :-1]).any(axis=1))
         if bad.size:
             counters.add("rows_resorted", int(bad.size))
-            order = np.argsort(-lps[bad], axis=1, kind="stable")
-            lps[bad] = np.take_along_axis(lps[bad], order, axis=1)
-            ids[bad] = np.take_along_axis(ids[bad], order, axis=1)
-    return ids.astype(np.int32), lps
+            whole = bad.size > lps.shape[0] // 2  # lossy sources: sort every row rather than gather most
+            sub_l = lps if whole else lps[bad]
+            sub_i = ids if whole else ids[bad]
+            order = np.argsort(-sub_l, axis=1, kind="stable")
+            sub_l, sub_i = np.take_along_axis(sub_l, order, axis=1), np.take_along_axis(sub_i, order, axis=1)
+            if whole:
+                lps, ids = sub_l, sub_i
+            else:
+                lps, ids = np.array(lps), np.array(ids)  # may be read-only views of Arrow buffers
+                lps[bad], ids[bad] = sub_l, sub_i
+    return ids, lps
 
 
 class Rebuilder:

@@ -107,13 +107,13 @@ def _padded(child_ids: pa.Array, child_lps: pa.Array, k: int, what: str) -> tupl
     if lens.size and lens.max() > k:
         raise SourceError(f"{what}: a row holds {lens.max()} entries, more than K = {k} of the first rows")
     ids_np = ids.to_numpy(zero_copy_only=False)
-    lps_np = lps.to_numpy(zero_copy_only=False).astype(np.float32)
+    lps_np = np.asarray(lps.to_numpy(zero_copy_only=False), dtype=np.float32)
     if lens.size and (lens == k).all():
-        return ids_np.reshape(-1, k).astype(np.int64), lps_np.reshape(-1, k)
+        return ids_np.reshape(-1, k), lps_np.reshape(-1, k)
     col = np.arange(k)
     valid = col[None, :] < lens[:, None]
     at = np.minimum(o1[:-1, None] + col[None, :], max(len(ids_np) - 1, 0))
-    out_ids = np.where(valid, ids_np[at] if len(ids_np) else 0, 0).astype(np.int64)
+    out_ids = np.where(valid, ids_np[at] if len(ids_np) else 0, 0)
     out_lps = np.where(valid, lps_np[at] if len(lps_np) else 0, np.float32(-np.inf)).astype(np.float32)
     return out_ids, out_lps
 
@@ -288,16 +288,23 @@ class TokenMap:
             self.by_bytes.setdefault(info.pieces[i], i)
         self.added = {info.pieces[i].decode("utf-8", "replace"): i for i in np.flatnonzero(info.added).tolist()}
         self.size = info.size
+        self.seen: dict[str, int] = {}
 
     def id_of(self, entry: dict[str, Any]) -> int | None:
         tok = entry.get("token")
+        hit = self.seen.get(tok)  # type: ignore[arg-type]
+        if hit is not None:
+            return hit
         if isinstance(tok, str) and tok.startswith("token_id:"):
             return int(tok[9:])
         if isinstance(tok, str) and tok in self.added:
             return self.added[tok]
         raw = entry.get("bytes")
         data = bytes(raw) if raw is not None else (tok.encode("utf-8") if isinstance(tok, str) else b"")
-        return self.by_bytes.get(data)
+        found = self.by_bytes.get(data)
+        if found is not None and isinstance(tok, str) and "\ufffd" not in tok and tok.encode("utf-8") == data:
+            self.seen[tok] = found  # a string that spells its bytes names one token: skip the bytes next time
+        return found
 
 
 class JsonlSource:
