@@ -37,7 +37,8 @@ class ImportConfig:
     completion_start: str = option(
         "token:1",
         "Where the completion starts when the source has no mask: token:N (at teacher token N) or text:MARKER "
-        "(after the last occurrence of MARKER in the sequence text, e.g. 'text:<|im_start|>assistant\\n').",
+        "(after the last occurrence of MARKER in the sequence text; \\n and \\t stand for newline and tab, e.g. "
+        "'text:<|im_start|>assistant\\n').",
     )
     shard_size: int = option(1024, "Sequences per cache shard (the unit of resume).")
     limit: int | None = option(None, "Import only the first N sequences.")

@@ -159,7 +159,7 @@ class Rebuilder:
         if self.rule.startswith("token:"):
             p = int(self.rule[6:])
         else:
-            marker = self.rule[5:].encode("utf-8")
+            marker = self.rule[5:].replace("\\n", "\n").replace("\\t", "\t").encode("utf-8")
             at = text_b.rfind(marker)
             if at < 0:
                 raise ImportMismatchError(

@@ -23,7 +23,7 @@ def test_distillkit_dataset_to_a_student_with_another_tokenizer(train_setup, tmp
     setup = train_setup
     run_export(ExportConfig(cache=str(setup["cache"]), format="distillkit", out=str(tmp_path / "dk")))
     run_import(ImportConfig(src=str(tmp_path / "dk"), format="distillkit", teacher_tokenizer=str(setup["teacher"]),
-                            out=str(tmp_path / "c"), completion_start="text:<|im_start|>assistant\n", shard_size=8))
+                            out=str(tmp_path / "c"), completion_start=r"text:<|im_start|>assistant\n", shard_size=8))
     m = run_align(AlignConfig(cache=str(tmp_path / "c"), student_tokenizer=str(setup["student"]), workers=1))
     assert m["stats"]["sequences"] == 24
     base = dict(cache=str(tmp_path / "c"), student=str(setup["student"]), batch_size=4, lr=3e-3, warmup_steps=1,
