@@ -350,12 +350,17 @@ class JsonlSource:
         return resp, msgs
 
     def _top_k(self) -> int:
+        """K: the most alternatives any token of the first 100 lines has (later longer rows are cut and counted)."""
+        k = 0
         for no, line in self._lines():
             resp, _ = self._unwrap(no, self._parse(no, line))
             for ch in resp["choices"]:
                 for e in ((ch.get("logprobs") or {}).get("content") or []):
-                    if e.get("top_logprobs"):
-                        return len(e["top_logprobs"])
+                    k = max(k, len(e.get("top_logprobs") or []))
+            if no >= 100:
+                break
+        if k:
+            return k
         raise SourceError(
             f"{self.cfg.src}: no token has top_logprobs (request them with logprobs=true, top_logprobs=K)"
         )
