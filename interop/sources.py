@@ -188,6 +188,8 @@ class ParquetSource:
                 + f"; it has {sorted(names)}"
             )
         self.extra = [c for c in (cfg.mask_field, cfg.text_field, cfg.messages_field) if c in names]
+        self._file_first: dict[str, int] = {}
+        self._iter: list[Any] | None = None  # (file, row group), batch iterator, next row, leftover batch
         self.k = self._top_k()
 
     def _dk_config(self) -> DistillKitConfig:
@@ -223,6 +225,7 @@ class ParquetSource:
     def blocks(self) -> Iterator[Block]:
         first = 0
         for path, h in zip(self.files, self.handles):
+            self._file_first[path] = first
             for rg in range(h.num_row_groups):
                 n = h.metadata.row_group(rg).num_rows
                 for lo in range(0, n, BLOCK_ROWS):
@@ -234,9 +237,32 @@ class ParquetSource:
                  ) -> Callable[[], Decoded]:
         return lambda: self._decode(path, h, rg, lo, cnt, start)
 
+    def _rows(self, path: str, h: pq.ParquetFile, rg: int, lo: int, cnt: int) -> pa.Table:
+        """Rows ``[lo, lo + cnt)`` of a row group, read batch by batch: a large row group is read once, in order,
+        not once per block (blocks of a row group are decoded in increasing order)."""
+        it = self._iter
+        if it is None or it[0] != (path, rg) or it[2] > lo:
+            batches = h.iter_batches(batch_size=BLOCK_ROWS, row_groups=[rg], columns=self.cols + self.extra)
+            it = self._iter = [(path, rg), batches, 0, None]
+        parts, at = [], it[2]
+        pending = it[3]
+        while at < lo + cnt:
+            batch = pending if pending is not None else next(it[1])
+            pending = None
+            end = at + batch.num_rows
+            if end > lo:
+                parts.append(batch.slice(max(0, lo - at), min(end, lo + cnt) - max(at, lo)))
+            if end > lo + cnt:  # the rest belongs to the next block
+                pending = batch.slice(lo + cnt - at)
+                at = lo + cnt
+                break
+            at = end
+        it[2], it[3] = at, pending
+        return pa.Table.from_batches(parts) if parts else h.schema_arrow.empty_table().select(self.cols + self.extra)
+
     def _decode(self, path: str, h: pq.ParquetFile, rg: int, lo: int, cnt: int, start: int) -> Decoded:
         try:
-            table = h.read_row_group(rg, columns=self.cols + self.extra).slice(lo, cnt)
+            table = self._rows(path, h, rg, lo, cnt)
         except (pa.ArrowInvalid, OSError) as e:
             raise SourceError(f"{path}: row group {rg} cannot be read ({e}); is the file truncated?") from e
         where = f"{path} row group {rg}"
@@ -260,7 +286,7 @@ class ParquetSource:
             r0, r1 = row_offs[i], row_offs[i + 1]
             out.append(RawSequence(
                 index=start + i,
-                source_id=f"{os.path.basename(path)}:{lo + i if rg == 0 else f'rg{rg}:{lo + i}'}",
+                source_id=f"{os.path.basename(path)}:{start + i - self._file_first.get(path, 0)}",
                 token_ids=all_ids[id_offs[i] : id_offs[i + 1]],
                 row_offset=1,
                 topk_ids=ids[r0:r1],
