@@ -63,6 +63,11 @@ class ImportConfig:
     chat_template: str = option(
         "auto", "openai-logprobs: the teacher's chat template to render request messages (auto, none, or a file)."
     )
+    vocab_check: bool = option(
+        True,
+        "distillkit: refuse a capture whose compression config's d differs from --teacher-tokenizer's vocabulary "
+        "size by more than DistillKit's own tolerance (32); off for captures made with a padded d.",
+    )
     overwrite: bool = option(False, "Replace an existing cache at --out made with other settings.")
 
     def __post_init__(self) -> None:

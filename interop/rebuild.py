@@ -145,6 +145,20 @@ class Rebuilder:
         except UnicodeDecodeError as e:
             raise self._fail(raw, f"its ids do not decode to UTF-8 text ({what}, byte {e.start})") from None
 
+    def _text_prefix(self, raw: RawSequence, ids: np.ndarray, widths: np.ndarray) -> tuple[str, int]:
+        """(text, tokens kept): the sequence's text, without the tokens of an incomplete character at its very end
+        (a source truncated at a token limit); bytes that are invalid anywhere else mean a wrong tokenizer."""
+        pieces = self.info.pieces
+        data = b"".join([pieces[i] for i, w in zip(ids.tolist(), widths.tolist()) if w])
+        try:
+            return data.decode("utf-8"), len(ids)
+        except UnicodeDecodeError as e:
+            if e.reason != "unexpected end of data":
+                raise self._fail(raw, f"its ids do not decode to UTF-8 text (byte {e.start})") from None
+            ends = np.cumsum(widths)
+            keep = int(np.searchsorted(ends, e.start, side="right"))
+            return data[: int(ends[keep - 1]) if keep else 0].decode("utf-8"), keep
+
     def _decode(self, raw: RawSequence, data: bytes, what: str) -> str:
         try:
             return data.decode("utf-8")
@@ -192,7 +206,10 @@ class Rebuilder:
                     got = self._text(raw, ids, w, "sequence")
                     raise self._fail(raw, _first_diff(got, text, "text")) from None
             else:
-                text = self._text(raw, ids, w, "sequence")
+                text, keep = self._text_prefix(raw, ids, w)
+                if keep < len(ids):  # a capture cut at max length inside a character: drop the partial character
+                    counters.add("cut_incomplete_utf8")
+                    ids, w = ids[:keep], w[:keep]
                 offsets = np.concatenate(([0], np.cumsum(w)[:-1])).astype(np.int64) if w.size else np.zeros(0, np.int64)
             text_b = text.encode("utf-8")
             plen = raw.prompt_len if raw.prompt_len is not None else self._split(raw, offsets, text_b)

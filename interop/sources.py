@@ -161,10 +161,11 @@ class ParquetSource:
                 self.kind = "compressed"
                 self.dk = self._dk_config()
                 vocab_d = vocab_size_for(tokenizer)
-                if self.dk.d < vocab_d or self.dk.d - vocab_d > 32:
+                if self.dk.d < vocab_d or (cfg.vocab_check and self.dk.d - vocab_d > 32):
                     raise ImportMismatchError(
                         f"{self.config_path}: d = {self.dk.d}, but DistillKit's vocabulary size of --teacher-tokenizer "
-                        f"is {vocab_d} (max(len(vocab) + 1, max id)); is it the tokenizer the capture was made with?"
+                        f"is {vocab_d} (max(len(vocab) + 1, max id)); is it the tokenizer the capture was made with? "
+                        "(--no-vocab-check accepts a larger, padded d)"
                     )
                 self.cols = ["input_ids", "bytepacked_indices", "compressed_logprobs"]  # ids, then values
             elif {"token_ids", "top_values"} <= names:

@@ -173,3 +173,24 @@ def test_topk_parquet_rows_of_varying_length_and_custom_field_names(teacher, tmp
     np.testing.assert_array_equal(r.rows.target_ids, ids[r.prompt_len:])
     np.testing.assert_array_equal(r.rows.target_logprobs, np.float32(-0.1))  # the target is each row's first
     assert np.isneginf(r.rows.topk_logprobs[:, 2][(np.arange(r.rows.n) + r.prompt_len - 1) % 2 == 1]).all()
+
+
+def test_a_capture_cut_inside_a_character_drops_the_partial_character(teacher, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    ids = tok("<|im_start|>assistant\nTea \u2615")["input_ids"]
+    info = token_bytes_info(tok)
+    assert len(info.pieces[ids[-1]]) < 3  # precondition: the cup is split over several byte tokens
+    ids = ids[:-1]  # a max-length cut inside the character
+    n = len(ids)
+    rows_ids = [[ids[p + 1], 7] for p in range(n - 1)]
+    rows_lps = [[-0.5, -1.5]] * (n - 1)
+    pq.write_table(pa.table({"input_ids": [ids], "target_token_ids": [rows_ids], "logprobs": [rows_lps]}),
+                   tmp_path / "p.parquet")
+    run_import(ImportConfig(src=str(tmp_path / "p.parquet"), format="topk-parquet", teacher_tokenizer=str(teacher),
+                            out=str(tmp_path / "c"), completion_start=r"text:assistant\n"))
+    (r,) = list(LogitCache.open(tmp_path / "c").iter_sequences())
+    assert r.completion_text in ("Tea", "Tea ") and r.rows.n == len(r.token_ids) - r.prompt_len
+    assert LogitCache.open(tmp_path / "c").manifest["counters"]["cut_incomplete_utf8"] == 1
+    assert verify_cache(str(tmp_path / "c")) == []
