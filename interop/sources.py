@@ -428,7 +428,8 @@ class JsonlSource:
         out: list[RawSequence] = []
         counters = Counters()
         for no, line in batch:
-            resp, msgs = self._unwrap(no, self._parse(no, line))
+            doc = self._parse(no, line)
+            resp, msgs = self._unwrap(no, doc)
             if not msgs:
                 raise SourceError(
                     f"{self.cfg.src} line {no}: no request messages (key {self.cfg.messages_field!r}, or 'prompt'); "
@@ -436,7 +437,9 @@ class JsonlSource:
                 )
             msgs = [{"role": str(m["role"]), "content": str(m.get("content") or "")} for m in msgs]
             idx = first + len(out)
-            prompt = render_messages(self.tok, msgs, self.template, idx)
+            # logitcache's own export keeps the exact rendered prompt; anything else is rendered with the template
+            rendered = doc.get("prompt_text")
+            prompt = rendered if isinstance(rendered, str) else render_messages(self.tok, msgs, self.template, idx)
             p_ids, p_offs, plen, _ = encode_rendered(self.tok, prompt, msgs, self.template, "", idx)
             for ch in resp["choices"]:
                 idx = first + len(out)
