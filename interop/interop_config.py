@@ -21,8 +21,8 @@ _START = re.compile(r"^(token:\d+|text:.+)$", re.S)
 class ImportConfig:
     src: str = option(
         None,
-        "The source: a folder of .parquet files (distillkit, topk-parquet), one .parquet file, or a .jsonl file "
-        "(openai-logprobs).",
+        "The source: a folder of .parquet files, searched recursively in natural order (distillkit, topk-parquet), "
+        "one .parquet file, or a .jsonl file (openai-logprobs).",
         required=True,
         argument=True,
     )

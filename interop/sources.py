@@ -64,10 +64,10 @@ def parquet_files(src: str) -> list[str]:
         return [src]
     if not os.path.isdir(src):
         raise SourceError(f"SRC {src}: no such file or folder")
-    files = [os.path.join(src, f) for f in os.listdir(src) if f.endswith(".parquet")]
+    files = [os.path.join(d, f) for d, _, names in os.walk(src) for f in names if f.endswith(".parquet")]
     if not files:
-        raise SourceError(f"SRC {src}: no .parquet files in this folder")
-    key = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(p))]  # noqa: E731
+        raise SourceError(f"SRC {src}: no .parquet files in this folder or below it")
+    key = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.relpath(p, src))]  # noqa: E731
     return sorted(files, key=key)
 
 
