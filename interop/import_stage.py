@@ -25,6 +25,8 @@ from .interop_config import ImportConfig
 from .rebuild import Counters, Rebuilder
 from .sources import open_source
 
+_RUNTIME_FIELDS = ("threads", "overwrite")  # how the import runs, not what it writes: not part of the identity
+
 
 def _version() -> str:
     from logitcache import __version__
@@ -81,14 +83,19 @@ def build_header(cfg: ImportConfig, tokenizer: Any, info: Any) -> CacheHeader:
             "capture": {"mode": "import", "top_k": info.top_k, "source_format": cfg.format},
             "input": {"path": cfg.src},
             "import": provenance,
-            "config": to_dict(cfg),
-            "runtime": {"logitcache": _version()},
+            # the identity: a rerun with other content settings is refused (--overwrite replaces)
+            "config": {k: v for k, v in to_dict(cfg).items() if k not in _RUNTIME_FIELDS},
+            "runtime": {"logitcache": _version(), **{k: getattr(cfg, k) for k in _RUNTIME_FIELDS}},
         },
     )
 
 
 def run_import(cfg: ImportConfig, progress: Any = None) -> dict[str, Any]:
     """Import ``cfg.src`` into ``cfg.out`` (resumes); returns a summary with the manifest's numbers."""
+    if cfg.format == "distillkit" and cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)  # DistillKit's float decoding runs in torch (see docs/benchmarks.md)
     tokenizer = load_teacher_tokenizer(cfg.teacher_tokenizer)
     source = open_source(cfg, tokenizer)
     info = source.info()

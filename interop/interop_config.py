@@ -63,6 +63,9 @@ class ImportConfig:
     chat_template: str = option(
         "auto", "openai-logprobs: the teacher's chat template to render request messages (auto, none, or a file)."
     )
+    threads: int = option(
+        1, "distillkit: torch intra-op threads for decoding (1 is steady on shared CPUs; 0: torch's default)."
+    )
     vocab_check: bool = option(
         True,
         "distillkit: refuse a capture whose compression config's d differs from --teacher-tokenizer's vocabulary "
@@ -73,6 +76,7 @@ class ImportConfig:
     def __post_init__(self) -> None:
         check(self.format in IMPORT_FORMATS, "format", f"must be one of {', '.join(IMPORT_FORMATS)}")
         check(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
+        check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
         check(self.limit is None or self.limit >= 0, "limit", f"must be >= 0, got {self.limit}")
         check(
             bool(_START.match(self.completion_start or "")),
