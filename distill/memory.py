@@ -28,12 +28,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["OOM_ERRORS", "MemoryEstimate", "estimate_memory", "measured_peak", "oom_message"]
+__all__ = ["OOM_ERRORS", "MemoryEstimate", "estimate_memory", "is_oom", "measured_peak", "oom_message"]
 
 GIB = float(1 << 30)
 
 #: the out-of-memory conditions train can catch (the kernel's OOM killer sends SIGKILL: nothing to catch)
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError)
+
+
+def is_oom(error: BaseException) -> bool:
+    """An out-of-memory condition: CUDA's ``OutOfMemoryError``, Python's ``MemoryError``, or the CPU allocator's
+    ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory", e.g. under ``ulimit -v``)."""
+    if isinstance(error, OOM_ERRORS):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
 @dataclass

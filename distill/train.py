@@ -49,7 +49,7 @@ from .context import RunContext
 from .data import ExampleStream, Prefetcher, student_end_id
 from .integrity import StudentLimits
 from .losses import LOSSES, CombinedLoss, check_statistics, parse_loss_spec
-from .memory import OOM_ERRORS, MemoryEstimate, estimate_memory, measured_peak, oom_message
+from .memory import MemoryEstimate, estimate_memory, is_oom, measured_peak, oom_message
 from .train_config import TrainConfig
 
 __all__ = ["TeacherScorer", "TrainConfig", "heldout_metrics", "latest_checkpoint", "lr_factor", "run_train"]
@@ -343,7 +343,9 @@ class _Trainer:
             while self.step_no < cfg.max_steps:
                 try:
                     logs = self.step(loader)
-                except OOM_ERRORS as e:
+                except Exception as e:
+                    if not is_oom(e):
+                        raise
                     msg = oom_message(self.step_no, cfg.batch_size, cfg.max_length, self.estimate, e)
                     raise ConfigError(msg) from None
                 step = self.step_no

@@ -86,10 +86,15 @@ def test_estimate_shrinks_with_the_fused_head_and_checkpointing():
     assert plain.total > fused.total > both.total > both.parameters + both.gradients + both.optimizer
 
 
-@pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError])
+CPU_OOM = "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8"
+
+
+@pytest.mark.parametrize(
+    "error", [torch.OutOfMemoryError("simulated"), MemoryError("simulated"), RuntimeError(CPU_OOM)]
+)
 def test_out_of_memory_ends_with_one_line_naming_the_knobs(setup, tmp_path, monkeypatch, error):
     def step(self, loader):
-        raise error("simulated")
+        raise error
 
     monkeypatch.setattr(train_mod._Trainer, "step", step)
     args = ["train", "--cache", str(setup["cache"]), "--student", str(setup["student"]), "--out", str(tmp_path / "o")]
@@ -115,6 +120,15 @@ def test_attn_implementation_and_checkpointing_reach_the_model(setup, tmp_path, 
     )
     run_train(cfg(setup, tmp_path / "auto", max_steps=1, eval_fraction=0.0))
     assert seen == [("eager", True), ("sdpa", False)]
+
+
+def test_other_runtime_errors_are_not_reported_as_out_of_memory(setup, tmp_path, monkeypatch):
+    def step(self, loader):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(train_mod._Trainer, "step", step)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_train(cfg(setup, tmp_path / "o", max_steps=1, eval_fraction=0.0))
 
 
 def test_unknown_attn_implementation_is_one_line(setup, tmp_path):
