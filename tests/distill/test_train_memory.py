@@ -110,7 +110,8 @@ def test_attn_implementation_and_checkpointing_reach_the_model(setup, tmp_path, 
     original = train_mod._Trainer.__init__
 
     def init(self, cfg_, ctx, data, model, *a, **k):
-        name = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+        name = "is_activation_checkpointing"
+        name = name if hasattr(model, name) else "is_gradient_checkpointing"
         seen.append((model.config._attn_implementation, getattr(model, name)))
         original(self, cfg_, ctx, data, model, *a, **k)
 
