@@ -151,3 +151,26 @@ def test_eval_threads(setup, tmp_path, monkeypatch):
         torch.set_num_threads(before)
     with pytest.raises(Exception, match="threads"):
         EvalConfig(model="m", data=str(data), threads=0)
+
+
+def test_auto_attention_falls_back_to_eager_with_a_note(setup, monkeypatch, capsys):
+    """A model without sdpa support: ``auto`` loads it with eager attention and says so on stderr."""
+    from transformers import AutoModelForCausalLM
+
+    from logitcache.models import load_model
+
+    original = AutoModelForCausalLM.from_pretrained
+    asked = []
+
+    def from_pretrained(folder, **kw):
+        asked.append(kw.get("attn_implementation"))
+        if kw.get("attn_implementation") == "sdpa":
+            raise ValueError("TinyForCausalLM does not support an attention implementation through sdpa yet")
+        return original(folder, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    model = load_model(setup["student"], device="cpu", attn_implementation="auto")
+    assert asked == ["sdpa", "eager"] and model.config._attn_implementation == "eager"
+    assert "no sdpa attention" in capsys.readouterr().err
+    with pytest.raises(Exception, match="--attn-implementation sdpa"):
+        load_model(setup["student"], device="cpu", attn_implementation="sdpa")
