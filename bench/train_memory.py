@@ -148,9 +148,13 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--headroom", type=float, default=1.3, help="free memory needed, as a multiple of the estimate")
     ap.add_argument("--dir", default=None, help="work folder (the cache in it is reused)")
+    ap.add_argument("--table", action="store_true", help="only print the table of --dir's results.jsonl")
     args = ap.parse_args(argv)
     root = Path(args.dir) if args.dir else Path(os.environ.get("TMPDIR", "/tmp")) / "logitcache-bench-memory"
     root.mkdir(parents=True, exist_ok=True)
+    if args.table:
+        print_table([json.loads(ln) for ln in (root / "results.jsonl").read_text().splitlines() if ln.strip()])
+        return
     students = args.students.split(",")
     losses = args.losses.split(";")
     paths = args.paths.split(",")
@@ -205,22 +209,26 @@ def main(argv: list[str]) -> None:
         f"{args.steps} timed; load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end, "
         f"{os.cpu_count()} cores\n"
     )
+    print_table([{"student": st, "loss": lo, "path": pa, **res} for st, lo, pa, _, res in rows])
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The markdown table of ``rows`` (``results.jsonl`` lines); ratios against today's path at the same shape."""
     print("| student | loss | path | [B, T] | s/step | peak RSS (steps) | vs today | ru_maxrss | estimate | loss |")
     print("|---|---|---|---|--:|--:|--:|--:|--:|--:|")
-    today: dict[tuple[str, str, tuple[int, int] | None], float] = {}
-    for student, loss, path, shape, res in rows:
-        name = _short(student)
-        if "error" in res:
-            print(f"| {name} | {loss} | {path} | {res.get('shape', '-')} | - | {res['error'][:60]} | | | | |")
+    today = {(r["student"], r["loss"], r.get("shape")): r["peak_rss"] for r in rows if r["path"] == "today" and
+             "error" not in r}
+    for r in rows:
+        name = _short(r["student"])
+        if "error" in r:
+            print(f"| {name} | {r['loss']} | {r['path']} | {r.get('shape', '-')} | - | {r['error'][:60]} | | | | |")
             continue
-        peak = res["peak_rss"] / 2**30
-        if path == "today":
-            today[(student, loss, shape)] = peak
-        ref = today.get((student, loss, shape))
-        ratio = f"{ref / peak:.2f}x lower" if ref and path != "today" else ""
-        est = f"{res['estimate']:.2f} GiB" if res.get("estimate") else "-"
-        mean_loss = statistics.mean(res["losses"]) if res["losses"] else float("nan")
+        peak = r["peak_rss"] / 2**30
+        ref = today.get((r["student"], r["loss"], r.get("shape")))
+        ratio = f"{ref / r['peak_rss']:.2f}x lower" if ref and r["path"] != "today" else ""
+        est = f"{r['estimate']:.2f} GiB" if r.get("estimate") else "-"
+        mean_loss = statistics.mean(r["losses"]) if r["losses"] else float("nan")
         print(
-            f"| {name} | {loss} | {path} | {res['shape']} | {res['step_s']:.1f} | {peak:.2f} GiB | {ratio} | "
-            f"{res['maxrss'] / 2**30:.2f} GiB | {est} | {mean_loss:.4f} |"
+            f"| {name} | {r['loss']} | {r['path']} | {r['shape']} | {r['step_s']:.1f} | {peak:.2f} GiB | {ratio} | "
+            f"{r['maxrss'] / 2**30:.2f} GiB | {est} | {mean_loss:.4f} |"
         )
