@@ -12,7 +12,7 @@ The estimate is arithmetic on the model's shapes, per rank, for the configured `
   ``--gradient-checkpointing`` only each layer's input is kept, plus one layer's activations during its recompute;
 - logits: unfused, the [B, T, V] logits and the gathered loss-span copy (compute dtype), and in backward their
   fp32 dense gradient, its cast and the scatter into the full logits' gradient: ~``B T V (3 e + 4)`` bytes;
-  fused (``--fused-head``): a few fp32 [chunk, V] temporaries and the head's fp32 weight gradient.
+  fused (``--fused-head``): a few fp32 [chunk, V] temporaries and two fp32 [V, D] weight-gradient buffers.
 
 It is an estimate (allocator slack, the loader's prefetched batches and the framework's own buffers are not in it):
 ``bench/train.py`` prints it beside the measured peaks. The measured peak is CUDA's ``max_memory_allocated`` on a
@@ -116,7 +116,7 @@ def estimate_memory(
     activations = layers * tokens * h * e + per_layer if checkpointing else layers * per_layer
     logits_unfused = tokens * v * (3 * e + 4)
     rows = head_chunk or default_chunk_rows(v)
-    logits_fused = 4 * min(rows, tokens) * v * 4 + v * (h or 1) * 4
+    logits_fused = 4 * min(rows, tokens) * v * 4 + 2 * v * (h or 1) * 4  # temporaries; the [V, D] grad buffers
     shards = max(1, shards)
     del params
     return MemoryEstimate(
