@@ -237,7 +237,8 @@ def student_forward(
     fused: bool = False,
     head_chunk: int | None = None,
 ) -> DistillBatch:
-    """Run the student on ``batch`` (moved to the model's device) and build its ``DistillBatch``.
+    """Run the student on ``batch`` (moved to the model's device) and build its ``DistillBatch`` (no KV cache: a
+    training forward does not need one, and gradient checkpointing refuses it).
 
     ``fused`` (``--fused-head``): the model (possibly DDP-wrapped: it is still called through the wrapper) returns
     the logits of its last position only; a forward hook on its decoder keeps the final hidden states, and the
@@ -245,7 +246,9 @@ def student_forward(
     device = next(model.parameters()).device
     b = batch.to(device)
     if not fused:
-        out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=b.logits_to_keep)
+        out = model(
+            input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=b.logits_to_keep, use_cache=False
+        )
         return distill_batch(b, out.logits, same_vocab=same_vocab)
     from .fused_head import head_parts
 
@@ -259,7 +262,7 @@ def student_forward(
 
     handle = decoder.register_forward_hook(hook)
     try:
-        model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1)
+        model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1, use_cache=False)
     finally:
         handle.remove()
     if len(kept) != 1:

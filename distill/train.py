@@ -460,7 +460,6 @@ def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> 
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"--gradient-checkpointing: {cfg.student} does not support it; train without it")
-        model.config.use_cache = False
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
