@@ -11,7 +11,7 @@ either side is loss-span position ``r`` (row indices are relative to the start o
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -92,6 +92,10 @@ class DistillBatch:
       - ``chunks`` long [B, C, 4]: half-open row ranges (t_start, t_end, s_start, s_end) covering identical
         bytes; ``chunk_mask`` bool [B, C].
     ``same_vocab``: teacher and student share one vocabulary (required by ``kl``).
+    ``student_head``: the fused head (``distill.fused_head.FusedHead``, ``--fused-head``): the student's logits
+    as hidden states and the LM head, never materialized. ``student_logits`` is then a zero-stride placeholder of
+    shape [B, Ts, V] (zeros: its shape, dtype and device only); the losses reach the student through
+    ``StudentStats``, which uses the head.
     """
 
     student_logits: Tensor
@@ -108,6 +112,7 @@ class DistillBatch:
     chunks: Tensor | None = None
     chunk_mask: Tensor | None = None
     same_vocab: bool = False
+    student_head: Any = None
 
     def __post_init__(self) -> None:
         self.validate()
