@@ -12,6 +12,7 @@ difference from the training loop.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Iterable, Iterator
@@ -53,6 +54,10 @@ class RunContext:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            # tear the group down before the interpreter finalizes: a gloo/nccl group left to C++ static
+            # destructors can abort the process at exit ("terminate called without an active exception", seen
+            # once in ~10 2-rank CPU runs after a finished training) and torchrun then reports the run as failed
+            atexit.register(_destroy_process_group)
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         dev = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda":
@@ -121,3 +126,8 @@ class RunContext:
         objs: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(objs, obj)
         return objs
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

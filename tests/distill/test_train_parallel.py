@@ -143,14 +143,18 @@ def ddp_run(setup, tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp+fused-head"])
 def test_two_ranks_match_one_process_over_the_same_batches(setup, tmp_path, reference, ddp_run, parallel):
-    m = ddp_run if parallel == "ddp" else torchrun(setup, tmp_path / "run", parallel=parallel)
+    """``fsdp+fused-head``: the fused head reads the LM head's weight after the sharded root's forward (whole then,
+    see docs/scaling.md) and gives the unfused losses (to 1e-5, tests/distill/test_fused_head.py)."""
+    fused = parallel.endswith("+fused-head")
+    kw = {"fused_head": True} if fused else {}
+    m = ddp_run if parallel == "ddp" else torchrun(setup, tmp_path / "run", parallel=parallel.split("+")[0], **kw)
     assert [x["step"] for x in m] == [1, 2, 3, 4]
     # precondition: the steps move the model (losses change) and clipping is active (the norm is above 1)
     assert abs(m[-1]["loss"] - m[0]["loss"]) > 0.1 and m[0]["grad_norm"] > 10 * FLAGS["max_grad_norm"]
     # step 1 runs the same weights on the same batches: only the float reduction order can differ
-    assert m[0]["loss"] == pytest.approx(reference[0], rel=1e-6)
+    assert m[0]["loss"] == pytest.approx(reference[0], rel=1e-5 if fused else 1e-6)
     # later steps: the gradients are summed in another order (gloo's all-reduce or reduce-scatter vs one
     # process's accumulation), a float32 rounding difference (~1e-7 relative) that AdamW carries into the next
     # losses: measured 4e-8 relative at steps 2 and 4 for both ddp and fsdp; 1e-5 leaves 250x for other BLAS
@@ -165,7 +169,7 @@ def test_two_ranks_match_one_process_over_the_same_batches(setup, tmp_path, refe
     for x, y in zip(m, ddp_run, strict=True):
         assert ("eval/loss" in x) == ("eval/loss" in y) == (x["step"] % 2 == 0)
         if "eval/loss" in x:
-            assert x["eval/loss"] == pytest.approx(y["eval/loss"], rel=1e-6)
+            assert x["eval/loss"] == pytest.approx(y["eval/loss"], rel=1e-5 if fused else 1e-6)
             assert x["eval/tokens"] == y["eval/tokens"] > 0
 
 
