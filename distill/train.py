@@ -139,7 +139,7 @@ def open_inputs(cfg: TrainConfig, tokenizer: Any) -> TrainData:
                 f"--loss {name}: KL needs the teacher's vocabulary, but the student's tokenizer differs "
                 "from the teacher's; use uld, mlot or alm for cross-tokenizer distillation"
             )
-    check_statistics(cfg.loss, cfg.loss_configs(), cache.header.extra_temperatures)
+    check_statistics(cfg.loss, cfg.loss_configs(), cache.header.extra_temperatures, cache.header.tail_samples)
     eos_id, source = student_end_id(store.header, tokenizer)
     if source != "store":
         print(

@@ -56,8 +56,9 @@ class CacheHeader:
     without them keep the header, and the fingerprint, they always had); ``tail_samples`` is the number of tail
     draws per position (``tail_ids``/``tail_logprobs``; 0 = none, then absent from the header, likewise).
     ``metadata`` is free-form and filled by stage one: ``teacher`` (model id, weight hash, vocab size, tokenizer
-    fingerprint, chat-template hash), ``capture`` (mode, K, sampling parameters, seed, max tokens), ``input`` (dataset fingerprint), ``config`` (the resolved
-    stage config) and ``runtime`` (backend and library versions; not part of the identity).
+    fingerprint, chat-template hash), ``capture`` (mode, K, sampling parameters, seed, max tokens), ``input``
+    (dataset fingerprint), ``config`` (the resolved stage config) and ``runtime`` (backend and library versions;
+    not part of the identity).
     """
 
     top_k: int
