@@ -66,10 +66,9 @@ def test_equals_the_dense_reference_through_collation(direction):
     count = sum(min(e.teacher.n, s.student_logits.shape[0]) for s, e in zip(seqs, exs))
     (total / count).backward()  # reduction "token": the mean over all valid pairs of the batch
     torch.testing.assert_close(out.value, total / count, rtol=1e-5, atol=1e-6)  # float32-stored teacher values
-    for b, (z, s) in enumerate(zip(grads, seqs)):
-        pos = collated.row_positions[b, : z.shape[0]] - collated.first_position
+    for b, z in enumerate(grads):  # student row j of sequence b is batch row j (index pairing, a 1-token prompt)
         torch.testing.assert_close(batch.student_logits.grad[b, : z.shape[0]], z.grad, rtol=1e-5, atol=1e-7)
-        assert pos.numel() == z.shape[0]
+        assert float(z.grad.abs().sum()) > 0
     # the sampled tail is not the bucket: the estimates differ (the draws carry information the bucket lacks)
     bucket = kl_loss(batch, KLConfig(direction=direction, tail="bucket"))
     assert abs(float(bucket.value.detach()) - float(out.value.detach())) > 1e-6
