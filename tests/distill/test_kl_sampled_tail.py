@@ -130,3 +130,28 @@ def test_train_on_a_same_tokenizer_cache_with_draws(tmp_path):
     assert any('"loss/kl"' in ln for ln in lines), lines
     r = train("plain", "run2")
     one_line_error(r, "--loss kl (tail=sampled)", "--tail-samples")
+
+
+def test_loader_checks_refuse_bad_draws(tmp_path):
+    """distill.integrity (what train checks per shard): draws inside the top-K, positive/NaN logprobs, ids past a
+    same-vocabulary student's logits are refused with one line naming the sample and the field."""
+    from cache_helpers import random_record, write_cache
+
+    from logitcache.distill.integrity import StudentLimits, _check_rows
+    from logitcache.storage import CorruptCacheError, LogitCache
+
+    rng = np.random.default_rng(0)
+    write_cache(str(tmp_path / "c"), [[random_record(rng, 0, k=K, vocab=300, n_completion=2)]], k=K, vocab=300)
+    cache = LogitCache.open(tmp_path / "c")
+    rows = random_record(rng, 1, k=K, vocab=300, n_completion=3).rows
+    rows = dataclasses.replace(rows, topk_ids=np.tile(np.arange(K), (3, 1)), target_ids=np.zeros(3),
+                               tail_ids=np.tile(np.arange(K, K + N), (3, 1)), tail_logprobs=np.full((3, N), -9.0))
+    starts, sids = np.array([0, 2]), np.array([70, 71])
+    _check_rows(cache, rows, 0, starts, sids, "shard-000009", StudentLimits())  # sound: no error
+    for field, value, what in (("tail_ids", rows.topk_ids[2, 1], "top-K"), ("tail_logprobs", np.nan, "NaN")):
+        bad = dataclasses.replace(rows, **{field: getattr(rows, field).copy()})
+        getattr(bad, field)[2, 0] = value
+        with pytest.raises(CorruptCacheError, match=rf"sample 71: {field} .*{what}.*\(row 0 of the sequence\)"):
+            _check_rows(cache, bad, 0, starts, sids, "shard-000009", StudentLimits())
+    with pytest.raises(CorruptCacheError, match=r"sample 70: tail_ids value outside the student's vocabulary"):
+        _check_rows(cache, rows, 0, starts, sids, "shard-000009", StudentLimits(vocab=K + 1, same_vocab=True))
