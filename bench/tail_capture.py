@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         for rec in cache.iter_sequences():
             if rec.rows.n == 0:
                 continue
-            ids = torch.as_tensor(rec.token_ids, dtype=torch.long)[None]
+            ids = torch.tensor(rec.token_ids, dtype=torch.long)[None]
             with torch.inference_mode():
                 logits = model(input_ids=ids).logits[0, rec.prompt_len - 1 : -1].float()
             lps.append(torch.log_softmax(logits, -1))
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     ):
         err = values - exact
         se = float(err.std() * np.sqrt(len(err))) / total if "sampled" in name else 0.0
-        cos = float(torch.nn.functional.cosine_similarity(grad.flatten(), g_exact.flatten(), 0))
+        cos = float(torch.nn.functional.cosine_similarity(grad.double().flatten(), g_exact.double().flatten(), 0))
         print(f"{name:<40}{float(err.sum()) / total:>12.2e}{se:>11.2e}{cos:>10.4f}")
 
 
