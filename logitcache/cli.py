@@ -343,7 +343,8 @@ def inspect(cache: str, as_json: bool) -> None:
     teacher = info["teacher"]
     capture = info["capture"]
     if capture.get("mode") == "score":  # sampling settings mean nothing for a teacher-forced cache
-        capture = {k: v for k, v in capture.items() if k not in ("temperature", "top_p", "seed", "max_new_tokens")}
+        drop = ("temperature", "top_p", "max_new_tokens") + (() if capture.get("tail_samples") else ("seed",))
+        capture = {k: v for k, v in capture.items() if k not in drop}  # the seed makes the tail draws
     s = info["summary"]
     counters = dict(info["counters"])
     cut = {k: counters.pop(k) for k in list(counters) if k.startswith(("truncated", "cut_")) and counters[k]}

@@ -118,16 +118,18 @@ def test_train_on_a_same_tokenizer_cache_with_draws(tmp_path):
         run_align(AlignConfig(cache=str(tmp_path / name), student_tokenizer=str(student), workers=1))
     assert LogitCache.open(tmp_path / "draws").header.tail_samples == 4
 
-    def train(cache: str, out: str):
+    def train(cache: str, out: str, *extra: str):
         return CliRunner().invoke(main, [
             "train", "--cache", str(tmp_path / cache), "--student", str(student), "--out", str(tmp_path / out),
             "--max-steps", "2", "--batch-size", "2", "--eval-fraction", "0", "--loss", "ce:1,kl:1",
-            "--loss-config", '{"kl": {"tail": "sampled"}}'])  # fmt: skip
+            "--loss-config", '{"kl": {"tail": "sampled"}}', *extra])  # fmt: skip
 
     r = train("draws", "run")
     assert r.exit_code == 0, r.output
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert any('"loss/kl"' in ln for ln in lines), lines
+    r = train("draws", "online", "--teacher", str(teacher))  # online rows come with fresh draws
+    assert r.exit_code == 0, r.output
     r = train("plain", "run2")
     one_line_error(r, "--loss kl (tail=sampled)", "--tail-samples")
 
