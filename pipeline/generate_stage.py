@@ -167,6 +167,12 @@ def process_shard(cfg: GenerateConfig, shard: int, tokenizer: Any, progress: Any
 def build_header(cfg: GenerateConfig, tokenizer: Any, vocab_size: int) -> CacheHeader:
     from logitcache.models import model_identity
 
+    check(
+        not cfg.tail_samples or cfg.top_k < vocab_size,
+        "tail_samples",
+        f"--top-k {cfg.top_k} covers the teacher's whole vocabulary ({vocab_size}): there is no tail to sample; "
+        "drop --tail-samples",
+    )
     num_samples = len(_inputs(cfg))
     teacher = model_identity(cfg.model, tokenizer=tokenizer)
     teacher["model"] = cfg.model

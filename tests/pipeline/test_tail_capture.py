@@ -133,3 +133,10 @@ def test_cli_records_draws(ascii_teacher_folder, tmp_path, mode):
     assert a.n > 0 and a.tail_ids is not None and a.tail_ids.shape == (a.n, 3)
     np.testing.assert_array_equal(a.tail_ids, b.tail_ids)  # seeded from --seed, shard and batch
     assert verify_cache(str(tmp_path / "on")) == []
+
+
+def test_top_k_covering_the_vocabulary_has_no_tail_to_sample(ascii_teacher_folder, tmp_path):
+    data = write_prompts(tmp_path / "d.jsonl", 2)
+    r = CliRunner().invoke(main, ["generate", "--model", str(ascii_teacher_folder), "--data", str(data), "--out",
+                                  str(tmp_path / "c"), "--mode", "score", "--top-k", "200", "--tail-samples", "2"])
+    one_line_error(r, "--tail-samples", "whole vocabulary (200)")
