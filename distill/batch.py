@@ -9,6 +9,9 @@
   ``DistillBatch`` the losses consume. Training, held-out evaluation, the loss tests and the loss benches all
   build their batches this way, so there is one padding path.
 
+``distill_batch_fused`` / ``student_forward(fused=True)`` (``--fused-head``): the same batch from the student's final
+hidden states and its LM head; the losses never see [B, Ts, V] logits (``distill.fused_head``).
+
 Trade-off: the student logits of padded rows are the logits of some real position (row positions pad with the
 first one), finite and masked out, instead of zeros: a gather is cheaper than a gather plus a masked fill.
 """
@@ -187,7 +190,39 @@ def distill_batch(batch: CollatedBatch, logits: Tensor, *, same_vocab: bool) -> 
     b = batch.to(logits.device)
     rows = (b.row_positions - batch.first_position).clamp(min=0)
     student = torch.gather(logits, 1, rows[..., None].expand(-1, -1, logits.shape[-1]))
-    fdt = torch.promote_types(logits.dtype, torch.float32)
+    return _assemble(b, student, same_vocab, torch.promote_types(logits.dtype, torch.float32))
+
+
+def distill_batch_fused(
+    batch: CollatedBatch,
+    hidden: Tensor,
+    head: torch.nn.Module,
+    *,
+    same_vocab: bool,
+    softcap: float | None = None,
+    chunk_rows: int | None = None,
+) -> DistillBatch:
+    """As :func:`distill_batch` from the student's final hidden states ``hidden`` [B, batch.logits_to_keep, D]
+    and its LM head module (``--fused-head``): the batch carries a ``FusedHead`` over the loss-span rows and a
+    zero-stride placeholder for ``student_logits`` (shape [B, Ts, V], no memory)."""
+    from .fused_head import fused_head
+
+    if hidden.dim() != 3 or hidden.shape[1] != batch.logits_to_keep:
+        raise ValueError(
+            f"hidden states must be [B, {batch.logits_to_keep}, D] (positions {batch.first_position}.. of the "
+            f"input), got {tuple(hidden.shape)}"
+        )
+    b = batch.to(hidden.device)
+    rows = (b.row_positions - batch.first_position).clamp(min=0)
+    h = torch.gather(hidden, 1, rows[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, Ts, D]
+    fh = fused_head(h, head, softcap, chunk_rows)
+    placeholder = torch.zeros((), dtype=fh.cdt, device=hidden.device).expand(h.shape[0], h.shape[1], fh.v)
+    return _assemble(b, placeholder, same_vocab, fh.cdt, fh)
+
+
+def _assemble(
+    b: CollatedBatch, student: Tensor, same_vocab: bool, fdt: torch.dtype, head: object = None
+) -> DistillBatch:
     return DistillBatch(
         student_logits=student,
         student_mask=b.student_mask,
@@ -203,17 +238,53 @@ def distill_batch(batch: CollatedBatch, logits: Tensor, *, same_vocab: bool) -> 
         chunks=b.chunks,
         chunk_mask=b.chunk_mask,
         same_vocab=same_vocab,
+        student_head=head,
         teacher_tail_ids=None if b.teacher_tail_ids is None else b.teacher_tail_ids.long(),
         teacher_tail_logprobs=None if b.teacher_tail_logprobs is None else b.teacher_tail_logprobs.to(fdt),
     )
 
 
-def student_forward(model: torch.nn.Module, batch: CollatedBatch, *, same_vocab: bool) -> DistillBatch:
-    """Run the student on ``batch`` (moved to the model's device) and build its ``DistillBatch``."""
+def student_forward(
+    model: torch.nn.Module,
+    batch: CollatedBatch,
+    *,
+    same_vocab: bool,
+    fused: bool = False,
+    head_chunk: int | None = None,
+) -> DistillBatch:
+    """Run the student on ``batch`` (moved to the model's device) and build its ``DistillBatch`` (no KV cache: a
+    training forward does not need one, and gradient checkpointing refuses it).
+
+    ``fused`` (``--fused-head``): the model (possibly DDP-wrapped: it is still called through the wrapper) returns
+    the logits of its last position only; a forward hook on its decoder keeps the final hidden states, and the
+    losses run through the fused, chunked head (``distill.fused_head``) with ``head_chunk`` rows per chunk."""
     device = next(model.parameters()).device
     b = batch.to(device)
-    out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=b.logits_to_keep)
-    return distill_batch(b, out.logits, same_vocab=same_vocab)
+    if not fused:
+        out = model(
+            input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=b.logits_to_keep, use_cache=False
+        )
+        return distill_batch(b, out.logits, same_vocab=same_vocab)
+    from .fused_head import head_parts
+
+    decoder, head, softcap = head_parts(model)
+    kept: list[Tensor] = []
+    keep = b.logits_to_keep
+
+    def hook(_module: torch.nn.Module, _args: object, output: object) -> None:
+        hs = output[0] if isinstance(output, tuple) else output.last_hidden_state  # type: ignore[attr-defined]
+        kept.append(hs[:, -keep:] if keep else hs)
+
+    handle = decoder.register_forward_hook(hook)
+    try:
+        model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    if len(kept) != 1:
+        raise RuntimeError(f"--fused-head: the decoder ran {len(kept)} times in one forward; expected once")
+    return distill_batch_fused(
+        b, kept[0], head, same_vocab=same_vocab, softcap=softcap, chunk_rows=head_chunk
+    )
 
 
-__all__ = ["CollatedBatch", "Example", "collate", "distill_batch", "student_forward"]
+__all__ = ["CollatedBatch", "Example", "collate", "distill_batch", "distill_batch_fused", "student_forward"]

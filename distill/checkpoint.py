@@ -7,7 +7,9 @@ Layout of ``--out``::
     metrics.jsonl               one line per logged step (a resumed run rewrites the lines past its checkpoint)
     checkpoints/step-NNNNNNN/   student/ (save_pretrained + tokenizer), trainer.pt (step, optimizer, scheduler,
                                 every rank's stream position, the run's token and second totals so far),
-                                rng-rank{R}.pt (each rank's RNG states)
+                                rng-rank{R}.pt (each rank's RNG states); under --parallel fsdp, sharded/
+                                (model and optimizer, one shard per rank, torch.distributed.checkpoint) and
+                                no optimizer in trainer.pt; student/ is the whole model either way
     summary.json                the finished run's summary (whole-run steps, tokens, seconds)
 
 A checkpoint is written into ``.tmp-step-N`` and renamed when complete, so ``latest_checkpoint`` never sees a
@@ -35,6 +37,7 @@ from logitcache.config import ConfigError, flag, to_dict
 from logitcache.storage import LogitCache
 from logitcache.storage.alignment_store import AlignmentStore, cache_identity
 
+from . import parallel as fsdp
 from .context import RunContext
 
 #: config fields a resumed run must share with the run it resumes (the data itself is checked by identity)
@@ -177,7 +180,8 @@ def save_checkpoint(
 ) -> Path:
     """Rank 0 writes the checkpoint into a temporary folder and renames it; every rank adds its RNG state and
     stream position first (a collective: every rank calls it at the same step). ``totals``: the whole run's
-    ``tokens`` (all ranks) and ``seconds`` up to this step, so a resumed run's summary covers the whole run."""
+    ``tokens`` (all ranks) and ``seconds`` up to this step, so a resumed run's summary covers the whole run.
+    Under FSDP every rank also writes its shard of the model and optimizer, and rank 0 the gathered model."""
     states = ctx.all_gather(stream_state)
     final = out / "checkpoints" / f"step-{step:07d}"
     staging = out / "checkpoints" / f".tmp-step-{step:07d}"
@@ -186,14 +190,19 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     ctx.barrier()
     torch.save(rng_state(), staging / f"rng-rank{ctx.rank}.pt")
+    sharded = ctx.parallel == "fsdp"
+    full: dict[str, torch.Tensor] | None = None
+    if sharded:
+        fsdp.save_sharded(staging / fsdp.SHARDED_DIR, model, optimizer)
+        full = fsdp.full_state_dict(model)
     ctx.barrier()
     if ctx.is_main:
-        (model.module if hasattr(model, "module") else model).save_pretrained(staging / "student")
+        (model.module if hasattr(model, "module") else model).save_pretrained(staging / "student", state_dict=full)
         tokenizer.save_pretrained(staging / "student")
         torch.save(
             {
                 "step": step,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": None if sharded else optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "streams": states,
                 "totals": totals or {},
@@ -213,11 +222,13 @@ class Resumed:
     """A checkpoint's trainer state, as this rank continues from it."""
 
     step: int
-    optimizer: dict[str, Any]
+    optimizer: dict[str, Any] | None
     scheduler: dict[str, Any]
     stream: dict[str, int]
     #: the run's ``tokens``/``seconds`` up to the checkpoint; empty for checkpoints written before they were kept
     totals: dict[str, float] = field(default_factory=dict)
+    #: the checkpoint's sharded model and optimizer (``--parallel fsdp``; ``optimizer`` is then None)
+    sharded: Path | None = None
 
 
 def checkpoint_step(path: Path) -> int:
@@ -230,7 +241,27 @@ def load_checkpoint(ctx: RunContext, path: Path) -> Resumed:
     state = torch.load(path / "trainer.pt", weights_only=False)
     if len(state["streams"]) != ctx.world:
         raise ConfigError(f"--resume: the checkpoint has {len(state['streams'])} ranks, this run has {ctx.world}")
+    sharded = path / fsdp.SHARDED_DIR
+    if sharded.exists() != (ctx.parallel == "fsdp"):
+        then = "fsdp" if sharded.exists() else "ddp"
+        raise ConfigError(
+            f"--resume: {path} was written with --parallel {then} (its optimizer state is "
+            f"{'sharded' if then == 'fsdp' else 'whole'}); resume it with --parallel {then}"
+        )
     set_rng_state(torch.load(path / f"rng-rank{ctx.rank}.pt", weights_only=False))
     return Resumed(
-        state["step"], state["optimizer"], state["scheduler"], state["streams"][ctx.rank], state.get("totals", {})
+        state["step"],
+        state["optimizer"],
+        state["scheduler"],
+        state["streams"][ctx.rank],
+        state.get("totals", {}),
+        sharded if sharded.exists() else None,
     )
+
+
+def restore_training_state(state: Resumed, model: Any, optimizer: Any) -> None:
+    """Load the checkpoint's optimizer state (and, sharded, the model's exact fp32 shards too) into this run's."""
+    if state.sharded is not None:
+        fsdp.load_sharded(state.sharded, model, optimizer)
+    else:
+        optimizer.load_state_dict(state.optimizer)

@@ -44,11 +44,16 @@ class EvalConfig:
         choices=["auto", "float32", "bfloat16", "float16"],
     )
     seed: int = option(0, "Torch seed (decoding is greedy; this only pins any nondeterministic kernels' inputs).")
+    threads: int | None = option(None, "Torch intra-op threads (default: torch's; 1 is steadier on busy shared CPUs).")
+    attn_implementation: str = option(
+        "auto", "Attention: auto (sdpa, else eager with a note), sdpa, eager, or another transformers name."
+    )
 
     def __post_init__(self) -> None:
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1, got {self.limit}")
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         check(self.out is None or not os.path.isdir(self.out), "out", f"{self.out} is a folder; give a .json file path")
 
     def fields(self) -> InputFields:

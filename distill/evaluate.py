@@ -232,6 +232,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         pad_token_id,
     )
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     try:
         records = read_inputs(cfg.data, cfg.fields(), "score", cfg.limit)
@@ -241,7 +243,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     device = cfg.device or default_device()
     try:
         tokenizer = load_tokenizer(cfg.model)
-        model = load_model(cfg.model, dtype=cfg.dtype, device=device)  # dtype auto: models.resolve_dtype
+        # dtype auto: models.resolve_dtype; attention auto: sdpa, else eager
+        model = load_model(cfg.model, dtype=cfg.dtype, device=device, attn_implementation=cfg.attn_implementation)
     except ModelSpecError as e:
         raise ConfigError(f"--model {cfg.model}: {e}") from e
     torch.manual_seed(cfg.seed)

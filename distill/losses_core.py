@@ -11,7 +11,7 @@ either side is loss-span position ``r`` (row indices are relative to the start o
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -95,6 +95,10 @@ class DistillBatch:
     Sampled tail (optional, ``generate --tail-samples N``; None when the cache has none)
       - ``teacher_tail_ids`` long [B, Tt, N], ``teacher_tail_logprobs`` float [B, Tt, N]: draws from the teacher's
         distribution outside the row's top-K and their logprobs (``kl``/``rkl`` with ``tail="sampled"``).
+    ``student_head``: the fused head (``distill.fused_head.FusedHead``, ``--fused-head``): the student's logits
+    as hidden states and the LM head, never materialized. ``student_logits`` is then a zero-stride placeholder of
+    shape [B, Ts, V] (zeros: its shape, dtype and device only); the losses reach the student through
+    ``StudentStats``, which uses the head.
     """
 
     student_logits: Tensor
@@ -111,6 +115,7 @@ class DistillBatch:
     chunks: Tensor | None = None
     chunk_mask: Tensor | None = None
     same_vocab: bool = False
+    student_head: Any = None
     teacher_tail_ids: Tensor | None = None
     teacher_tail_logprobs: Tensor | None = None
 

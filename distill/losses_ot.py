@@ -70,8 +70,7 @@ def uld_loss(batch: DistillBatch, config: ULDConfig | None = None, stats: Studen
     r = k if cfg.top_ranks is None else max(1, min(k, int(cfg.top_ranks)))
     q = torch.exp(logq).sort(dim=-1, descending=True).values[..., :r]  # [B, Tt, R]
     rs = min(r, v)
-    with torch.no_grad():
-        sids = torch.topk(z.detach(), rs, dim=-1, sorted=True).indices  # [B, Ts, Rs]
+    sids = stats.topk(rs)  # [B, Ts, Rs], no grad
     (slp,) = student_logprobs_at(batch, stats, sids, [cfg.tau])
     sp = gather_rows(torch.exp(slp), sj)  # [B, P, Rs]
     tq = gather_rows(q, ti)  # [B, P, R]

@@ -5,6 +5,7 @@ the loss terms of a batch (:class:`StudentStats`). Re-exported by :mod:`logitcac
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -206,8 +207,13 @@ class StudentStats:
         self.batch = batch
         self._lse: dict[float, Tensor] = {}
         self._rank: dict[float, Tensor] = {}
-        z = batch.student_logits
-        self.sparse = _SparseLogSoftmax(z.reshape(-1, z.shape[-1]) if z.shape[-1] else z.reshape(0, 0))
+        #: the fused head (``--fused-head``): hidden states and the LM head instead of logits (``.fused_head``)
+        self.head = batch.student_head
+        if self.head is not None:
+            self.sparse: Any = self.head
+        else:
+            z = batch.student_logits
+            self.sparse = _SparseLogSoftmax(z.reshape(-1, z.shape[-1]) if z.shape[-1] else z.reshape(0, 0))
 
     def prepare(self, taus: Sequence[float] = (), rank_tau: float | None = None) -> None:
         z = self.batch.student_logits
@@ -220,7 +226,10 @@ class StudentStats:
         if rt is not None:
             eye = torch.eye(b, dtype=torch.float32, device=z.device)
             w = (eye[:, None, :] * self.batch.student_mask[:, :, None]).reshape(b * ts, b)
-        lses, sums = _lse_and_rank_sums(z.detach().reshape(b * ts, v), need, rt, w)
+        if self.head is not None:
+            lses, sums = self.head.lse_and_rank_sums(need, rt, w)
+        else:
+            lses, sums = _lse_and_rank_sums(z.detach().reshape(b * ts, v), need, rt, w)
         for t, val in lses.items():
             self._lse[t] = val.view(b, ts)
         self.sparse.set_lses(lses)
@@ -234,6 +243,14 @@ class StudentStats:
     def rank_sums(self, tau: float) -> Tensor:
         self.prepare((), rank_tau=tau)
         return self._rank[float(tau)]
+
+    def topk(self, r: int) -> Tensor:
+        """The ids of each row's ``r`` largest student logits, sorted descending: [B, Ts, r] (no grad)."""
+        b, ts, _ = self.batch.student_logits.shape
+        if self.head is not None:
+            return self.head.topk(r).view(b, ts, r)
+        with torch.no_grad():
+            return torch.topk(self.batch.student_logits.detach(), r, dim=-1, sorted=True).indices
 
     def gather(self, rows: Tensor, ids: Tensor, tau: float) -> Tensor:
         """log softmax(student_logits / tau) at flat rows (b * Ts + j) [M] and ids [M, k] -> [M, k]."""

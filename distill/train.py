@@ -40,6 +40,7 @@ from .checkpoint import (
     data_identity,
     latest_checkpoint,
     load_checkpoint,
+    restore_training_state,
     save_checkpoint,
     seed_all,
     truncate_metrics,
@@ -49,7 +50,8 @@ from .context import RunContext
 from .data import ExampleStream, Prefetcher, student_end_id
 from .diagnostics import term_grad_norms
 from .integrity import StudentLimits
-from .losses import CombinedLoss, check_statistics, parse_loss_spec
+from .losses import LOSSES, CombinedLoss, check_statistics, parse_loss_spec
+from .memory import MemoryEstimate, estimate_memory, is_oom, measured_peak, oom_message
 from .train_config import TrainConfig
 
 __all__ = ["TeacherScorer", "TrainConfig", "heldout_metrics", "latest_checkpoint", "lr_factor", "run_train"]
@@ -139,7 +141,9 @@ def open_inputs(cfg: TrainConfig, tokenizer: Any) -> TrainData:
                 f"--loss {name}: KL needs the teacher's vocabulary, but the student's tokenizer differs "
                 "from the teacher's; use uld, mlot or alm for cross-tokenizer distillation"
             )
-    check_statistics(cfg.loss, cfg.loss_configs(), cache.header.extra_temperatures, cache.header.tail_samples)
+    check_statistics(
+        cfg.loss, cfg.loss_configs(), cache.header.extra_temperatures, cache.header.tail_samples, cfg.fused_head
+    )
     eos_id, source = student_end_id(store.header, tokenizer)
     if source != "store":
         print(
@@ -191,19 +195,20 @@ def heldout_metrics(
     loader = Prefetcher(data.stream(cfg, ctx, "eval"), cfg.batch_size, data.pad_id, cfg.prefetch)
     try:
         with torch.no_grad():
-            for n, (batch, _, _) in enumerate(loader):
+            for n, (item, real) in enumerate(ctx.lockstep(loader)):
                 if cfg.eval_batches is not None and n >= cfg.eval_batches:
                     break
+                if item is None or not real:  # this rank is done, the others' forwards still need it
+                    ctx.idle_forward(model)
+                    continue
+                batch = item[0]
                 with ctx.autocast():
-                    db = student_forward(model, batch, same_vocab=data.same_vocab)
+                    db = student_forward(
+                        model, batch, same_vocab=data.same_vocab, fused=cfg.fused_head, head_chunk=cfg.head_chunk
+                    )
                 out = loss(db)
-                ce = torch.nn.functional.cross_entropy(
-                    db.student_logits.float().flatten(0, 1),
-                    db.student_targets.flatten(),
-                    ignore_index=-100,
-                    reduction="sum",
-                )
-                sums[0] += float(ce)
+                ce = LOSSES["ce"](db)  # the token-mean CE: value x count = the sum (fused head or not)
+                sums[0] += float(ce.value) * float(ce.count.sum())
                 sums[1] += float(db.student_mask.sum())
                 sums[2] += float(out.total) * batch.batch_size
                 sums[3] += batch.batch_size
@@ -260,9 +265,11 @@ class _Trainer:
         self.tokens_seen = 0  # this rank's student completion tokens in this segment (since start or resume)
         self.t0 = time.perf_counter()  # the segment's start
         self.before: dict[str, float] = {}  # the run's totals up to the checkpoint resumed from
+        self.estimate: MemoryEstimate | None = None  # the memory estimate printed before the first step
+        self.peak: float | None = None  # the measured peak (bytes), after the first steps
 
     def resume(self, state: Resumed) -> None:
-        self.optimizer.load_state_dict(state.optimizer)
+        restore_training_state(state, self.ddp, self.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.step_no, self.stream_state = state.step, state.stream
         self.before = dict(state.totals)
@@ -285,7 +292,9 @@ class _Trainer:
                 refresh_teacher_rows(self.scorer, self.teacher, examples, batch, self.data.cache.top_k, temps)
             self.samples += batch.sample_ids.tolist()
             with self.ctx.accumulating(self.ddp, sync=micro == cfg.grad_accum - 1), self.ctx.autocast():
-                db = student_forward(self.ddp, batch, same_vocab=self.data.same_vocab)
+                db = student_forward(
+                    self.ddp, batch, same_vocab=self.data.same_vocab, fused=cfg.fused_head, head_chunk=cfg.head_chunk
+                )
                 result = self.loss(db)
             if micro == 0 and cfg.grad_norm_every and (self.step_no + 1) % cfg.grad_norm_every == 0:
                 logs.update(term_grad_norms(db, result, self.loss.configs))  # issue 14: each term's pull
@@ -306,6 +315,14 @@ class _Trainer:
         lr = self.scheduler.get_last_lr()[0]
         logs.update({"step": self.step_no, "lr": lr, "grad_norm": float(grad_norm), "tokens": step_tokens})
         return logs
+
+    def report_peak(self, step: int) -> float:
+        """Print the measured peak memory so far (main rank, stderr); returns it in bytes."""
+        peak, what = measured_peak(self.ctx.device)
+        if self.ctx.is_main:
+            est = f" (estimated ~{self.estimate.total / 2**30:.2f} GiB)" if self.estimate is not None else ""
+            tqdm.write(f"measured peak memory after {step} steps: {peak / 2**30:.2f} GiB ({what}){est}", sys.stderr)
+        return peak
 
     def save(self, out: Path, tokenizer: Any) -> Path:
         """A checkpoint after this step (every rank calls it)."""
@@ -335,10 +352,20 @@ class _Trainer:
             dynamic_ncols=True,
         )
         last: dict[str, float] = {}
+        report_at = min(self.step_no + 2, cfg.max_steps)  # the measured peak, after the first steps of this segment
         try:
             while self.step_no < cfg.max_steps:
-                logs = self.step(loader)
+                try:
+                    logs = self.step(loader)
+                except Exception as e:
+                    if not is_oom(e):
+                        raise
+                    msg = oom_message(self.step_no, cfg.batch_size, cfg.max_length, self.estimate, e)
+                    raise ConfigError(msg) from None
                 step = self.step_no
+                if step == report_at:
+                    self.peak = self.report_peak(step)
+                    logs["peak_memory_gib"] = self.peak / 2**30
                 # student completion tokens (the loss-span targets) per second, this segment, all ranks
                 logs["tokens_per_s"] = self.tokens_seen * ctx.world / max(time.perf_counter() - self.t0, 1e-9)
                 if cfg.eval_every and step % cfg.eval_every == 0 and cfg.eval_fraction > 0:
@@ -398,6 +425,32 @@ def _finished_summary(ctx: RunContext, out: Path, checkpoint: Path, cfg: TrainCo
     return {**summary, "already_finished": True, "max_steps": cfg.max_steps}
 
 
+def _print_estimate(cfg: TrainConfig, ctx: RunContext, model: Any) -> MemoryEstimate:
+    """The memory estimate (``distill.memory``), printed on the main rank before the first step."""
+    if cfg.fused_head:
+        from .fused_head import head_parts
+
+        try:
+            head_parts(model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    est = estimate_memory(
+        model,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        bf16=ctx.bf16,
+        checkpointing=cfg.gradient_checkpointing,
+        fused=cfg.fused_head,
+        head_chunk=cfg.head_chunk,
+        attn=getattr(model.config, "_attn_implementation", None),
+        shards=ctx.world if getattr(cfg, "parallel", "ddp") == "fsdp" else 1,
+        device_type=ctx.device.type,
+    )
+    if ctx.is_main:
+        print(est.line(cfg.batch_size, cfg.max_length, cfg.gradient_checkpointing), file=sys.stderr)
+    return est
+
+
 def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> dict[str, Any]:
     """Train; returns the final summary (rank 0's view). ``teacher_scorer``: online mode's scorer (``--teacher``)."""
     from logitcache.models import load_model, load_tokenizer
@@ -407,7 +460,7 @@ def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> 
             "--teacher: online mode needs a teacher scorer; run `logitcache train --teacher ...` or pass "
             "run_train(cfg, teacher_scorer=logitcache.pipeline.backend_hf.score_rows)"
         )
-    ctx = RunContext.setup(cfg.device, cfg.dtype, cfg.threads)
+    ctx = RunContext.setup(cfg.device, cfg.dtype, cfg.threads, cfg.parallel)
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.student)
     data = open_inputs(cfg, tokenizer)
@@ -417,7 +470,16 @@ def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> 
         return _finished_summary(ctx, out, resume_from, cfg)
     seed_all(cfg.seed + ctx.rank)
     student = str(resume_from / "student") if resume_from else cfg.student
-    model = load_model(student, dtype="float32", device=ctx.device)
+    # FSDP: loaded on the CPU, each block moved to the device as it is sharded (one block at a time there)
+    device = "cpu" if ctx.parallel == "fsdp" else ctx.device
+    model = load_model(student, dtype="float32", device=device, attn_implementation=cfg.attn_implementation)
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"--gradient-checkpointing: {cfg.student} does not support it; train without it")
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     data.student_vocab = _vocab_rows(model)
     teacher = None
@@ -426,6 +488,7 @@ def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> 
         dtype = "bfloat16" if ctx.device.type == "cuda" else "float32"
         teacher = (load_model(cfg.teacher, dtype=dtype, device=ctx.device), teacher_scorer)
     trainer = _Trainer(cfg, ctx, data, model, CombinedLoss(cfg.loss, cfg.loss_configs()), teacher)
+    trainer.estimate = _print_estimate(cfg, ctx, model)
     if resume_from is not None:
         trainer.resume(load_checkpoint(ctx, resume_from))
     if ctx.is_main:
@@ -454,6 +517,10 @@ def run_train(cfg: TrainConfig, teacher_scorer: TeacherScorer | None = None) -> 
         "checkpoint": str(latest_checkpoint(out)),
         "skipped_overlong": stream.skipped_overlong,
         "teacher_loaded": trainer.teacher is not None,
+        "memory": {
+            "estimated_peak_gib": trainer.estimate.total / 2**30 if trainer.estimate is not None else None,
+            "measured_peak_gib": trainer.peak / 2**30 if trainer.peak is not None else None,
+        },
         # a run resumed from a checkpoint written before totals were kept counts only what came after it
         "totals_complete": resume_from is None or bool(trainer.before),
     }

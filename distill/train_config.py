@@ -55,6 +55,12 @@ class TrainConfig:
     overwrite: bool = option(False, "Start over in an --out that holds another run.")
     dtype: str = option("auto", "auto: bf16 autocast on GPU, float32 on CPU.", choices=["auto", "float32", "bfloat16"])
     device: str | None = option(None, "Torch device (default: cuda:LOCAL_RANK if available, else cpu).")
+    parallel: str = option(
+        "ddp",
+        "Under torchrun: ddp (a whole student per rank) or fsdp (parameters, gradients and optimizer state "
+        "sharded over the ranks; for students that do not fit one GPU). One process: ignored.",
+        choices=["ddp", "fsdp"],
+    )
     teacher: str | None = option(None, "Online mode: compute the teacher rows with this model instead of the cache.")
     verify: str = option(
         "checksums",
@@ -70,6 +76,21 @@ class TrainConfig:
     )
     prefetch: int = option(4, "Batches collated ahead on a background thread.")
     threads: int | None = option(None, "Torch intra-op threads (default: torch's; 1 is steadier on busy shared CPUs).")
+    fused_head: bool = option(
+        False,
+        "Compute the losses from the student's hidden states and LM head chunk by chunk, never holding [batch, "
+        "length, vocab] logits or their gradient (docs/losses.md, fused head).",
+    )
+    head_chunk: int | None = option(
+        None, "Loss-span rows per chunk of --fused-head (default: 16M / vocabulary size, e.g. 64 at 262k)."
+    )
+    gradient_checkpointing: bool = option(
+        False, "Recompute each layer's activations in backward instead of keeping them (~30% more compute)."
+    )
+    attn_implementation: str = option(
+        "auto",
+        "Student attention: auto (sdpa, else eager with a note), sdpa, eager, or another transformers name.",
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -84,9 +105,15 @@ class TrainConfig:
         ):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.head_chunk is None or self.head_chunk >= 1, "head_chunk", f"must be >= 1, got {self.head_chunk}")
         check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         check(self.warmup_steps >= 0 and self.eval_every >= 0, "warmup_steps", "must be >= 0")
         check(self.grad_norm_every >= 0, "grad_norm_every", f"must be >= 0, got {self.grad_norm_every}")
+        if self.grad_norm_every and self.fused_head:
+            raise ConfigError(
+                "--grad-norm-every measures gradients w.r.t. the student logits, which --fused-head never "
+                "materialises; measure without --fused-head (a short run is enough)"
+            )
         if isinstance(self.out, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", self.out):
             raise ConfigError(
                 f"--out {self.out}: train writes checkpoints to a local or network-filesystem folder, not a URL; "

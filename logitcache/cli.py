@@ -29,7 +29,7 @@ _USER_ERRORS = (
     ("logitcache.pipeline.byte_alignment", "AlignmentError"),
     ("logitcache.storage.errors", "CacheError"),
     ("logitcache.byte_offsets", "TokenizationMismatchError"),
-)
+)  # interop's errors are ConfigErrors
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -243,6 +243,68 @@ def eval_cmd(config_file: str | None, as_json: bool, **flags: Any) -> None:
 
     report = run_eval(cfg)
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+
+
+def _import_config() -> type:
+    from logitcache.interop.interop_config import ImportConfig
+
+    return ImportConfig
+
+
+@main.command(name="import")
+@click_options(_import_config())
+@user_errors
+def import_cmd(config_file: str | None, **flags: Any) -> None:
+    """Import someone else's logit dataset SRC (DistillKit, top-k Parquet, OpenAI logprobs JSONL) as a cache.
+
+    \b
+    Texts and byte offsets are rebuilt with --teacher-tokenizer; streamed and resumable (rerun the same command).
+    Then `logitcache align` and `train` as with any cache (docs/interop.md).
+    """
+    from logitcache.config import from_sources
+    from logitcache.interop.interop_config import ImportConfig
+
+    cfg = from_sources(ImportConfig, flags, config_file)
+    from logitcache.interop.import_stage import run_import
+
+    s = run_import(cfg)
+    rate = s["positions_written"] / s["seconds"] if s["seconds"] else 0.0
+    click.echo(
+        f"import: {s['shards_written']} shards written ({s['shards_done_before']} already done), "
+        f"{s['positions_written']} positions in {s['seconds']:.1f}s ({rate:,.0f} pos/s); {cfg.out}: "
+        f"{s['sequences']} sequences, {s['positions']} positions, {s['import']['exactness']}"
+        + "".join(f", {k} {v}" for k, v in s["counters"].items())
+        + f"; missing statistics: {', '.join(s['import']['missing_statistics'])}"
+    )
+
+
+def _export_config() -> type:
+    from logitcache.interop.interop_config import ExportConfig
+
+    return ExportConfig
+
+
+@main.command(name="export")
+@click_options(_export_config())
+@user_errors
+def export_cmd(config_file: str | None, **flags: Any) -> None:
+    """Export CACHE as files other trainers read (top-k Parquet, DistillKit, OpenAI logprobs JSONL) into --out.
+
+    \b
+    One file per cache shard plus export_config.json; resumable (existing files are kept unless --overwrite).
+    """
+    from logitcache.config import from_sources
+    from logitcache.interop.interop_config import ExportConfig
+
+    cfg = from_sources(ExportConfig, flags, config_file)
+    from logitcache.interop.export_stage import run_export
+
+    s = run_export(cfg)
+    rate = s["positions"] / s["seconds"] if s["seconds"] else 0.0
+    click.echo(
+        f"export: {s['files_written']} files written ({s['files_skipped']} already there), {s['positions']} "
+        f"positions in {s['seconds']:.1f}s ({rate:,.0f} pos/s) -> {cfg.out}"
+    )
 
 
 @main.command()

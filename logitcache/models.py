@@ -153,15 +153,37 @@ def load_model(
     ``dtype`` is a torch dtype or a ``--dtype`` name (``auto``: see :func:`resolve_dtype`).
 
     Gradients stay enabled (students are loaded through here too); wrap teacher calls in ``torch.inference_mode``.
+    ``attn_implementation``: None (transformers' choice), ``auto`` (sdpa, else eager with a note on stderr), or
+    an explicit one (``sdpa``, ``eager``, ...; a model that cannot use it is a ``ConfigError``).
     """
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model(spec)
     device = device if device is not None else default_device()
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device)}
+    auto = attn_implementation == "auto"
     if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        kwargs["attn_implementation"] = "sdpa" if auto else attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (ValueError, ImportError) as e:
+        if attn_implementation is None:
+            raise
+        if not auto:
+            from logitcache.config import ConfigError
+
+            raise ConfigError(
+                f"--attn-implementation {attn_implementation}: {spec} cannot use it ({str(e).splitlines()[0][:200]}); "
+                "use sdpa or eager"
+            ) from None
+        import sys
+
+        print(
+            f"note: {spec} has no sdpa attention ({str(e).splitlines()[0][:160]}); using eager attention, which "
+            "keeps [heads, T, T] scores per layer: pass --attn-implementation eager to silence this",
+            file=sys.stderr,
+        )
+        model = AutoModelForCausalLM.from_pretrained(folder, **{**kwargs, "attn_implementation": "eager"})
     model.to(device)
     model.eval()
     return model

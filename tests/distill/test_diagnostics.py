@@ -97,3 +97,15 @@ def test_off_by_default_never_calls_it(train_setup, tmp_path, monkeypatch):
     assert TrainConfig.__dataclass_fields__["grad_norm_every"].default == 0
     run_train(_cfg(train_setup, tmp_path / "run", max_steps=2))
     assert not any(k.startswith("gradnorm") for x in _metrics(tmp_path / "run") for k in x)
+
+
+def test_grad_norms_refused_with_the_fused_head(tmp_path) -> None:
+    """The fused head has no logits to differentiate: the combination is refused up front, not logged as nothing."""
+    import pytest
+
+    from logitcache.config import ConfigError
+    from logitcache.distill.train_config import TrainConfig
+
+    with pytest.raises(ConfigError, match="--grad-norm-every.*--fused-head"):
+        TrainConfig(cache="c", student="s", out=str(tmp_path), grad_norm_every=2, fused_head=True)
+    assert TrainConfig(cache="c", student="s", out=str(tmp_path), fused_head=True).grad_norm_every == 0

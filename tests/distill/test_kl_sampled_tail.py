@@ -86,6 +86,9 @@ def test_refused_without_draws_and_at_another_temperature():
     with pytest.raises(ConfigError, match=r"--loss rkl \(tail=sampled, tau=2\)"):
         check_statistics("rkl:1", {"rkl": {"tail": "sampled", "tau": 2.0}}, [1.0, 2.0], tail_samples=4)
     check_statistics("ce:1,kl:1", {"kl": {"tail": "sampled"}}, [], tail_samples=4)
+    check_statistics("kl:1", {"kl": {"tail": "sampled"}}, [], tail_samples=4, fused_head=True)
+    with pytest.raises(ConfigError, match=r"--loss rkl \(tail=sampled\).*--fused-head"):
+        check_statistics("rkl:1", {"rkl": {"tail": "sampled"}}, [], tail_samples=4, fused_head=True)
     check_statistics("ce:1,kl:1", {}, [], tail_samples=0)  # no sampled tail asked: nothing needed
     _, _, with_tail = batch_of(seqs, g)
     with pytest.raises(ValueError, match="tau = 1"):
@@ -157,3 +160,31 @@ def test_loader_checks_refuse_bad_draws(tmp_path):
             _check_rows(cache, bad, 0, starts, sids, "shard-000009", StudentLimits())
     with pytest.raises(CorruptCacheError, match=r"sample 70: tail_ids value outside the student's vocabulary"):
         _check_rows(cache, rows, 0, starts, sids, "shard-000009", StudentLimits(vocab=K + 1, same_vocab=True))
+
+
+def test_fused_head_forward_equals_unfused_and_reverse_is_refused():
+    """kl (forward) with tail='sampled' reads only gathered logprobs, so ``--fused-head`` gives the same value and
+    gradients; rkl needs the full student row, which the fused head never builds: refused, naming the flag."""
+    from logitcache.distill.batch import distill_batch_fused
+
+    g = torch.Generator().manual_seed(3)
+    seqs = random_seqs(3, V, V, g)
+    exs = [with_draws(example_of(s, K, (), i), s, g) for i, s in enumerate(seqs)]
+    collated = collate(exs, pad_id=0, k=K, temperatures=[])
+    hidden = torch.randn(collated.batch_size, collated.logits_to_keep, 6, generator=g, dtype=torch.float64)
+    head = torch.nn.Linear(6, V, bias=False, dtype=torch.float64)
+    results = []
+    for fused in (False, True):
+        head.zero_grad(set_to_none=True)
+        h = hidden.clone().requires_grad_(True)
+        if fused:
+            db = distill_batch_fused(collated, h, head, same_vocab=True, chunk_rows=2)
+        else:
+            db = distill_batch(collated, head(h), same_vocab=True)
+        out = kl_loss(db, KLConfig(tail="sampled"))
+        out.value.backward()
+        results.append((out.value.detach(), h.grad, head.weight.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="--fused-head"):
+        kl_loss(db, KLConfig(direction="reverse", tail="sampled"))

@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -75,14 +74,13 @@ def test_verify_leaves_no_thread_behind(train_setup, arrow_cache) -> None:
 def test_verify_exits_cleanly_every_time(train_setup, arrow_cache) -> None:
     """The symptom end to end: repeated ``logitcache verify`` runs exit 0, print OK and nothing on stderr."""
     cli = [sys.executable, "-c", "from logitcache.cli import main; main()", "verify"]
-    runs, t0 = 0, time.monotonic()
-    while runs < 24 and time.monotonic() - t0 < 25:
+    runs = 0
+    while runs < 8:  # a fixed count, not a time budget: a loaded machine must not turn this into a failure
         cache = [train_setup["cache"], arrow_cache][runs % 2]
         r = subprocess.run([*cli, str(cache)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "terminate called" not in r.stderr, (runs, r.returncode, r.stderr)
         assert r.stdout.strip().endswith(": OK") and r.stderr == "", (r.stdout, r.stderr)
         runs += 1
-    assert runs >= 6  # precondition: enough runs happened inside the time budget to mean something
 
 
 def test_notes_are_printed_and_do_not_change_the_exit_status(tmp_path: Path) -> None:
