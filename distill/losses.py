@@ -119,7 +119,8 @@ class KLConfig:
     ``tempered``: teacher rows at tau != 1 ``exact`` (needs the cache's lse at tau; refuses without) or
     ``renormalize`` within the top-K (the explicit approximation). ``sampled`` (tau = 1 only) estimates the tail
     from the cache's tail draws (``generate --tail-samples N``), unbiased (``distill.losses_tail``, docs/losses.md
-    section 9); it reads the student's full log-softmax over the paired rows.
+    section 9); forward gathers the student at the K + N ids, reverse reads its full log-softmax of the paired rows
+    (refused with ``--fused-head``).
     """
 
     direction: Literal["forward", "reverse"] = "forward"
