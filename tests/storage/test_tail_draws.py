@@ -155,3 +155,17 @@ def test_convert_keeps_draws_and_drops_them_on_a_cut_k_or_on_request(tmp_path):
         assert out.header.metadata["convert"]["tail_samples"] == 0
         assert all(r.rows.tail_ids is None for r in out.iter_sequences())
         assert verify_cache(str(tmp_path / name)) == []
+
+
+def test_cli_convert_drop_tail_and_inspect(tmp_path):
+    from click.testing import CliRunner
+
+    from logitcache.cli import main
+
+    src = str(tmp_path / "src")
+    write_cache(src, tail_shards(6), k=K, vocab=V, temps=(1.0,), tail_samples=N)
+    r = CliRunner().invoke(main, ["convert", src, str(tmp_path / "out"), "--drop-tail"])
+    assert r.exit_code == 0, r.output
+    assert LogitCache.open(tmp_path / "out").header.tail_samples == 0
+    r = CliRunner().invoke(main, ["inspect", src, "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["tail_samples"] == N, r.output
