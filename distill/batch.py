@@ -53,6 +53,8 @@ class CollatedBatch:
     the input position of each student loss-span row (0 on padding); ``first_position`` the smallest position a
     valid row reads, so the forward keeps only the logits from there on. ``teacher_topk_ids`` is int32.
     ``teacher_lse`` maps each recorded temperature to [B, Tt] (empty when the cache recorded none).
+    ``teacher_tail_ids`` int32 / ``teacher_tail_logprobs`` float32 [B, Tt, N]: the sampled tail (None when the
+    cache has none; pads: id 0, logprob 0, masked by ``teacher_mask``).
     """
 
     input_ids: Tensor
@@ -72,6 +74,8 @@ class CollatedBatch:
     chunk_mask: Tensor
     sample_ids: Tensor
     first_position: int = 0
+    teacher_tail_ids: Tensor | None = None
+    teacher_tail_logprobs: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -103,6 +107,11 @@ class CollatedBatch:
         self.teacher_target_logprobs[b, :n] = torch.as_tensor(rows.target_logprobs)
         for tau, lse in self.teacher_lse.items():
             lse[b, :n] = torch.as_tensor(rows.extra_lse[tau])
+        if self.teacher_tail_ids is not None and self.teacher_tail_logprobs is not None:
+            if rows.tail_ids is None or rows.tail_logprobs is None:  # stale draws would bias the estimate
+                raise ValueError("the batch carries tail draws but the fresh teacher rows have none")
+            self.teacher_tail_ids[b, :n] = torch.as_tensor(rows.tail_ids)
+            self.teacher_tail_logprobs[b, :n] = torch.as_tensor(rows.tail_logprobs)
 
 
 def _pad(arrays: list[np.ndarray], length: int, value: float, dtype: type) -> Tensor:
@@ -139,6 +148,8 @@ def collate(examples: list[Example], pad_id: int, k: int, temperatures: list[flo
     n_c = [len(e.chunks) for e in examples]
     ts, tt, tp, tc = max(n_s), max(max(n_t), 1), max(max(n_p), 1), max(max(n_c), 1)
     s_mask = _mask_np(n_s, ts)
+    draws = [(t.tail_ids, t.tail_logprobs) for t in teachers if t.tail_ids is not None and t.tail_logprobs is not None]
+    n_tail = teachers[0].tail_samples if len(draws) == len(teachers) else 0
     plens = np.asarray([e.prompt_len for e in examples], np.int64)
     positions = np.where(s_mask, plens[:, None] - 1 + np.arange(ts), 0)
     return CollatedBatch(
@@ -159,6 +170,8 @@ def collate(examples: list[Example], pad_id: int, k: int, temperatures: list[flo
         chunk_mask=_mask(n_c, tc),
         sample_ids=torch.as_tensor([e.sample_id for e in examples], dtype=torch.long),
         first_position=int(positions[s_mask].min()) if s_mask.any() else 0,
+        teacher_tail_ids=_pad([i.reshape(-1, n_tail) for i, _ in draws], tt, 0, np.int32) if n_tail else None,
+        teacher_tail_logprobs=_pad([p.reshape(-1, n_tail) for _, p in draws], tt, 0.0, np.float32) if n_tail else None,
     )
 
 
@@ -226,6 +239,8 @@ def _assemble(
         chunk_mask=b.chunk_mask,
         same_vocab=same_vocab,
         student_head=head,
+        teacher_tail_ids=None if b.teacher_tail_ids is None else b.teacher_tail_ids.long(),
+        teacher_tail_logprobs=None if b.teacher_tail_logprobs is None else b.teacher_tail_logprobs.to(fdt),
     )
 
 

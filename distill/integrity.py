@@ -7,7 +7,8 @@ ids outside a same-vocabulary student's logits). ``read_checked_shard`` reads on
 records and checks, per shard and vectorized (one reduction per field over the decoded arrays, no per-sequence
 Python): the sequence table (``row_count == len(token_ids) - prompt_len``, rows contiguous, token ids in
 ``[0, vocab)``), the rows (top-k and target ids in ``[0, vocab)``, logprobs not NaN and ``<= 0``, top-k rows
-sorted descending, recorded lse not NaN), and the alignment records (one per sequence in the cache's order,
+sorted descending, recorded lse not NaN, tail draws in range, outside
+their row's top-K, logprobs ``<= 0``), and the alignment records (one per sequence in the cache's order,
 student ids in the student's vocabulary, pairs and chunks inside both sides' row counts and on the same bytes).
 With a student of the teacher's vocabulary (``kl``/``rkl``), teacher top-k ids must also index its logits.
 
@@ -134,6 +135,13 @@ def _check_rows(
         nan = np.isnan(lse)
         if nan.any():
             raise fail(int(np.flatnonzero(nan)[0]), f"lse@{tau:g} NaN")
+    tail = rows.tail_problem(vocab)
+    if tail is not None:
+        raise fail(*tail)
+    if rows.tail_ids is not None and rows.tail_ids.size and limits.same_vocab and limits.vocab is not None:
+        bad = np.flatnonzero((rows.tail_ids >= limits.vocab).any(axis=1))
+        if bad.size:
+            raise fail(int(bad[0]), f"tail_ids value outside the student's vocabulary [0, {limits.vocab})")
 
 
 def _check_alignments(

@@ -40,6 +40,7 @@ from .losses_core import (
 )
 from .losses_ot import MLOTConfig, ULDConfig, mlot_loss, sinkhorn_plan, uld_loss
 from .losses_student import StudentStats, gather_log_softmax, student_logprobs_at
+from .losses_tail import sampled_tail_reverse_kl, tail_mass
 
 __all__ = [
     "LOSSES",
@@ -116,11 +117,14 @@ class KLConfig:
     ``bucket`` adds one "everything else" category to both sides (a lower bound of the full KL, exact when
     the tail is 0). ``tau``: temperature of both sides. ``eps`` floors the teacher's tail bucket in reverse KL.
     ``tempered``: teacher rows at tau != 1 ``exact`` (needs the cache's lse at tau; refuses without) or
-    ``renormalize`` within the top-K (the explicit approximation).
+    ``renormalize`` within the top-K (the explicit approximation). ``sampled`` (tau = 1 only) estimates the tail
+    from the cache's tail draws (``generate --tail-samples N``), unbiased (``distill.losses_tail``, docs/losses.md
+    section 9); forward gathers the student at the K + N ids, reverse reads its full log-softmax of the paired rows
+    (refused with ``--fused-head``).
     """
 
     direction: Literal["forward", "reverse"] = "forward"
-    tail: Literal["ignore", "renormalize", "bucket"] = "bucket"
+    tail: Literal["ignore", "renormalize", "bucket", "sampled"] = "bucket"
     tau: float = 1.0
     tempered: Tempered = "exact"
     pairing: Pairing = "index"
@@ -149,8 +153,10 @@ def kl_loss(batch: DistillBatch, config: KLConfig | None = None, stats: StudentS
         )
     if cfg.direction not in ("forward", "reverse"):
         raise ValueError(f"KLConfig.direction must be 'forward' or 'reverse', got {cfg.direction!r}")
-    if cfg.tail not in ("ignore", "renormalize", "bucket"):
-        raise ValueError(f"KLConfig.tail must be 'ignore', 'renormalize' or 'bucket', got {cfg.tail!r}")
+    if cfg.tail not in ("ignore", "renormalize", "bucket", "sampled"):
+        raise ValueError(f"KLConfig.tail must be 'ignore', 'renormalize', 'bucket' or 'sampled', got {cfg.tail!r}")
+    if cfg.tail == "sampled":
+        return _sampled_tail_kl(batch, cfg, stats)
     stats = stats or StudentStats(batch)
     b, ts, v = batch.student_logits.shape
     ti, sj, valid = token_pairs(batch, cfg.pairing)
@@ -198,6 +204,62 @@ def kl_loss(batch: DistillBatch, config: KLConfig | None = None, stats: StudentS
     d = torch.where(valid, d, torch.zeros_like(d))
     count = valid.sum(1).to(d.dtype)
     return finish(d.sum(1) / count.clamp_min(1.0), count, cfg.reduction)
+
+
+def _sampled_tail_kl(batch: DistillBatch, cfg: KLConfig, stats: StudentStats | None) -> LossOutput:
+    """``kl_loss`` with ``tail="sampled"``: per valid pair, ``losses_tail``'s unbiased estimate from the top-K and
+    the cached tail draws. Forward reads the student's logprobs at the K + N ids only (``StudentStats.gather``:
+    chunked, and through ``--fused-head``); reverse needs the student's entropy over the whole vocabulary and reads
+    its full log-softmax of the paired rows (a ``[pairs, V]`` copy; refused with the fused head, which never
+    materializes the logits)."""
+    if batch.teacher_tail_ids is None or batch.teacher_tail_logprobs is None:
+        raise ValueError(f"kl tail='sampled': the batch has no tail draws; {_NO_DRAWS}")
+    if cfg.tau != 1.0:
+        raise ValueError(f"kl tail='sampled' needs tau = 1 (the draws are from the teacher at temperature 1), got "
+                         f"{cfg.tau:g}")
+    reverse = cfg.direction == "reverse"
+    if reverse and batch.student_head is not None:
+        raise ValueError("rkl tail='sampled' needs the student's full logits, which --fused-head never builds; "
+                         "drop --fused-head or use kl (forward)")
+    b, ts, v = batch.student_logits.shape
+    ti, sj, valid = token_pairs(batch, cfg.pairing)
+    top_ids, top_lp = gather_rows(batch.teacher_topk_ids.long(), ti), gather_rows(batch.teacher_topk_logprobs, ti)
+    tail_ids = gather_rows(batch.teacher_tail_ids.long(), ti)
+    tail_lp = gather_rows(batch.teacher_tail_logprobs, ti)
+    # a draw of logprob -inf comes from a row whose tail mass is 0 (weight 0): a finite stand-in keeps the reverse
+    # estimator's importance weight s / p finite, so no 0 * inf reaches the gradient
+    tail_lp = torch.where(torch.isfinite(tail_lp), tail_lp, torch.zeros_like(tail_lp))
+    live = valid[..., None]
+    ids_ok = torch.where(live & torch.isfinite(top_lp), (top_ids >= 0) & (top_ids < v), True).all()
+    if not bool(ids_ok & torch.where(live, (tail_ids >= 0) & (tail_ids < v), True).all()):
+        raise ValueError(f"teacher ids fall outside the student vocabulary [0, {v}) although same_vocab=True")
+    rows = (torch.arange(b, device=sj.device)[:, None] * ts + sj).reshape(-1)
+    n, k, fdt = rows.numel(), top_ids.shape[-1], top_lp.dtype
+
+    def flat(t: Tensor) -> Tensor:  # invalid pairs read id 0 / tail logprob 0 (finite stand-ins), masked below
+        t = t.reshape(n, -1)
+        return torch.where(valid.reshape(n, 1), t, torch.zeros_like(t))
+
+    t_ids, t_lp, d_ids, d_lp = flat(top_ids), top_lp.reshape(n, k), flat(tail_ids), flat(tail_lp)
+    if reverse:
+        fdt = torch.promote_types(batch.student_logits.dtype, torch.float32)
+        slp = torch.log_softmax(batch.student_logits.reshape(b * ts, v)[rows].to(fdt), dim=-1)
+        d = sampled_tail_reverse_kl(slp, t_ids, t_lp.to(fdt), d_ids, d_lp.to(fdt))
+    else:  # sampled_tail_forward_kl's formula on the gathered logprobs (tested equal to it)
+        stats = stats or StudentStats(batch)
+        ls = stats.gather(rows, torch.cat([t_ids, d_ids], 1), 1.0).view(n, -1).to(fdt)
+        p = t_lp.exp()
+        d = torch.where(p > 0, p * (t_lp - ls[:, :k]), torch.zeros_like(p)).sum(-1)
+        m = tail_mass(t_lp)
+        tail = (d_lp - ls[:, k:]).sum(-1) * (m / d_ids.shape[1])
+        d = d + torch.where(m > 0, tail, torch.zeros_like(tail))
+    d = d.view(b, -1)
+    d = torch.where(valid, d, torch.zeros_like(d))
+    count = valid.sum(1).to(d.dtype)
+    return finish(d.sum(1) / count.clamp_min(1.0), count, cfg.reduction)
+
+
+_NO_DRAWS = "recapture with `logitcache generate --tail-samples N` (e.g. 16), or use tail='bucket'"
 
 
 # ---- registry, spec, combination ---------------------------------------------------------------------
@@ -307,13 +369,29 @@ def required_temperatures(
 
 
 def check_statistics(
-    spec: str | Sequence[tuple[str, float]], configs: Mapping[str, Any] | None, available: Sequence[float]
+    spec: str | Sequence[tuple[str, float]],
+    configs: Mapping[str, Any] | None,
+    available: Sequence[float],
+    tail_samples: int | None = None,
+    fused_head: bool = False,
 ) -> None:
     """Raise ``ConfigError`` (one line: the loss, the missing statistic, the fix) when a loss of ``spec`` needs a
-    row statistic that the cache (recording ``available`` temperatures) lacks. Called before training starts."""
+    row statistic that the cache (recording ``available`` temperatures and ``tail_samples`` tail draws per
+    position; ``None``: not checked) lacks. Called before training starts."""
     configs = configs or {}
     have = {float(t) for t in available}
     for n in _terms(spec):
+        cfg = _config_of(n, configs.get(n))
+        if isinstance(cfg, KLConfig) and cfg.tail == "sampled":
+            if cfg.tau != 1.0:
+                raise ConfigError(f"--loss {n} (tail=sampled, tau={cfg.tau:g}): the tail draws are at temperature "
+                                  "1; set tau to 1 or use tail='bucket'")
+            if fused_head and cfg.direction == "reverse":
+                raise ConfigError(f"--loss {n} (tail=sampled): reverse KL's estimator needs the student's full "
+                                  "logits, which --fused-head never builds; drop --fused-head or use kl")
+            if tail_samples is not None and tail_samples < 1:
+                raise ConfigError(f"--loss {n} (tail=sampled): the cache has no tail draws (--tail-samples 0); "
+                                  + _NO_DRAWS)
         for fname, tau in loss_temperatures(n, configs.get(n)).items():
             if not {tau, 1.0} <= have:
                 raise ConfigError(f"--loss {n} ({fname}={tau:g}): " + missing_lse_message(n, tau, sorted(have)))

@@ -92,6 +92,9 @@ class DistillBatch:
       - ``chunks`` long [B, C, 4]: half-open row ranges (t_start, t_end, s_start, s_end) covering identical
         bytes; ``chunk_mask`` bool [B, C].
     ``same_vocab``: teacher and student share one vocabulary (required by ``kl``).
+    Sampled tail (optional, ``generate --tail-samples N``; None when the cache has none)
+      - ``teacher_tail_ids`` long [B, Tt, N], ``teacher_tail_logprobs`` float [B, Tt, N]: draws from the teacher's
+        distribution outside the row's top-K and their logprobs (``kl``/``rkl`` with ``tail="sampled"``).
     ``student_head``: the fused head (``distill.fused_head.FusedHead``, ``--fused-head``): the student's logits
     as hidden states and the LM head, never materialized. ``student_logits`` is then a zero-stride placeholder of
     shape [B, Ts, V] (zeros: its shape, dtype and device only); the losses reach the student through
@@ -113,6 +116,8 @@ class DistillBatch:
     chunk_mask: Tensor | None = None
     same_vocab: bool = False
     student_head: Any = None
+    teacher_tail_ids: Tensor | None = None
+    teacher_tail_logprobs: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -163,6 +168,14 @@ class DistillBatch:
             for tau, v in self.teacher_lse.items():
                 if tuple(v.shape) != (b, tt):
                     raise ValueError(f"teacher_lse[{tau}] has shape {tuple(v.shape)}, expected {(b, tt)}")
+        tids, tlps = self.teacher_tail_ids, self.teacher_tail_logprobs
+        if (tids is None) != (tlps is None):
+            raise ValueError("teacher_tail_ids and teacher_tail_logprobs come together (both or neither)")
+        if tids is not None and tlps is not None and (
+            tids.dim() != 3 or tuple(tids.shape[:2]) != (b, tt) or tlps.shape != tids.shape
+        ):
+            raise ValueError(f"teacher_tail_ids {tuple(tids.shape)} and teacher_tail_logprobs {tuple(tlps.shape)} "
+                             f"must both be [B, Tt, N] with [B, Tt] = {(b, tt)}")
         for name, mname, width in (("pairs", "pair_mask", 2), ("chunks", "chunk_mask", 4)):
             t, m = getattr(self, name), getattr(self, mname)
             if t is None:

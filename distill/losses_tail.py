@@ -1,12 +1,11 @@
-"""Unbiased KL estimators from a top-K cache plus samples of the teacher's tail (issue 16, not wired yet).
+"""Unbiased KL estimators from a top-K cache plus samples of the teacher's tail (issue 16).
 
-The planned ``generate --tail-samples N`` stores, per position, beyond the top-K, ``N`` ids drawn with
+``generate --tail-samples N`` stores, per position, beyond the top-K, ``N`` ids drawn with
 replacement from the teacher's *tail* ``q(v) = p(v) / m`` for ``v`` outside the top-K, where
 ``m = 1 - sum_K p`` (known from the cached logprobs: they are normalized over the full vocabulary), together with
 their logprobs ``log p(j_n)``. The proposal probability of a draw is ``p(j_n) / m``: the stored logprob and ``m``
-give it, nothing else is needed. These functions are the estimators a loss option would use; no flag, loader
-field or loss config calls them yet (docs/decisions.md, "Format v2"), and ``bench/tail_fidelity.py`` measures
-them on real models.
+give it, nothing else is needed. ``kl``/``rkl`` with ``tail="sampled"`` call these functions
+(``distill.losses``), and ``bench/tail_fidelity.py`` measures them on real models.
 
 Forward KL, ``KL(p || s) = sum_v p(v) (log p(v) - log s(v))``::
 
@@ -82,7 +81,8 @@ def sampled_tail_reverse_kl(
     s_all = student_logprobs.exp()
     entropy_term = torch.where(s_all > 0, s_all * student_logprobs, torch.zeros_like(s_all)).sum(-1)
     lp, ls = _terms(student_logprobs, top_ids, top_logprobs)
-    cross_top = torch.where(lp > float("-inf"), ls.exp() * lp, torch.zeros_like(lp)).sum(-1)  # -inf: absent
+    present = lp > float("-inf")  # -inf: absent; masked BEFORE the product (0 * -inf would NaN the gradient)
+    cross_top = (ls.exp() * torch.where(present, lp, torch.zeros_like(lp))).sum(-1)
     m = tail_mass(top_logprobs)
     n = tail_ids.shape[-1]
     if n == 0:

@@ -141,7 +141,9 @@ def open_inputs(cfg: TrainConfig, tokenizer: Any) -> TrainData:
                 f"--loss {name}: KL needs the teacher's vocabulary, but the student's tokenizer differs "
                 "from the teacher's; use uld, mlot or alm for cross-tokenizer distillation"
             )
-    check_statistics(cfg.loss, cfg.loss_configs(), cache.header.extra_temperatures)
+    check_statistics(
+        cfg.loss, cfg.loss_configs(), cache.header.extra_temperatures, cache.header.tail_samples, cfg.fused_head
+    )
     eos_id, source = student_end_id(store.header, tokenizer)
     if source != "store":
         print(
@@ -167,7 +169,10 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def refresh_teacher_rows(
     scorer: TeacherScorer, teacher: Any, examples: list[Example], batch: CollatedBatch, k: int, temps: list[float]
 ) -> None:
-    """Online mode: overwrite the batch's cached teacher rows (and lse) with freshly computed ones."""
+    """Online mode: overwrite the batch's cached teacher rows (and lse, and tail draws when the cache has them:
+    fresh ones, seeded by the batch's first sample id) with freshly computed ones."""
+    n_tail = 0 if batch.teacher_tail_ids is None else int(batch.teacher_tail_ids.shape[-1])
+    draws = {"tail_samples": n_tail, "seed": int(examples[0].sample_id)} if n_tail else {}
     with torch.inference_mode():
         rows = scorer(
             teacher,
@@ -175,6 +180,7 @@ def refresh_teacher_rows(
             [e.teacher_prompt_len for e in examples],
             k,
             extra_temperatures=temps,
+            **draws,
         )
     for b, r in enumerate(rows):
         batch.set_teacher_rows(b, r)

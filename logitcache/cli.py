@@ -329,12 +329,14 @@ def finalize(cache: str) -> None:
               "source's K). Default: the source's K.")
 @click.option("--positions-backend", type=click.Choice(["zarr", "arrow"]), default=None,
               help="Position-array storage of the output. Default: the source's.")
+@click.option("--drop-tail", is_flag=True, default=False, help="Leave out the sampled tail draws "
+              "(--tail-samples); a smaller --top-k always does (the draws came from outside the source's top-K).")
 @click.option("--overwrite/--no-overwrite", default=False, show_default=True,
               help="Replace an existing cache of a different config at OUT.")
 @user_errors
 def convert(
     cache: str, out: str, id_codec: str | None, logprob_codec: str | None, top_k: int | None,
-    positions_backend: str | None, overwrite: bool,
+    positions_backend: str | None, drop_tail: bool, overwrite: bool,
 ) -> None:
     """Rewrite CACHE into OUT with other codecs or a smaller K (format v2).
 
@@ -362,7 +364,7 @@ def convert(
             logprob_codec={"name": logprob_codec} if logprob_codec else None,
             top_k=top_k,
             positions={"name": positions_backend} if positions_backend else None,
-            overwrite=overwrite, on_shard=report,
+            overwrite=overwrite, drop_tail=drop_tail, on_shard=report,
         )
     except ValueError as e:
         if type(e) is not ValueError:
@@ -403,7 +405,8 @@ def inspect(cache: str, as_json: bool) -> None:
     teacher = info["teacher"]
     capture = info["capture"]
     if capture.get("mode") == "score":  # sampling settings mean nothing for a teacher-forced cache
-        capture = {k: v for k, v in capture.items() if k not in ("temperature", "top_p", "seed", "max_new_tokens")}
+        drop = ("temperature", "top_p", "max_new_tokens") + (() if capture.get("tail_samples") else ("seed",))
+        capture = {k: v for k, v in capture.items() if k not in drop}  # the seed makes the tail draws
     s = info["summary"]
     counters = dict(info["counters"])
     cut = {k: counters.pop(k) for k in list(counters) if k.startswith(("truncated", "cut_")) and counters[k]}

@@ -151,9 +151,15 @@ def _rows_from_logits(
     temps: Sequence[float],
     scratch_ok: bool = False,
     moments: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    tail: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None,
+    tuple[torch.Tensor, torch.Tensor] | None,
+]:  # fmt: skip
     """float32 logits ``[N, V]`` -> (topk ids ``[N, K]``, topk logprobs, target logprobs ``[N]``, extra lse,
-    ``(mean, std)`` of the logits ``[N]`` each when ``moments``, else None).
+    ``(mean, std)`` of the logits ``[N]`` each when ``moments``, else None, ``(ids, logprobs)`` ``[N, tail]`` of
+    ``tail`` draws from outside the top-K (``_tail_draws``, with ``generator``) when ``tail``, else None).
 
     ``logsumexp(z / tau) = lse_1 / tau + log(sum(exp((z - lse_1) / tau)))``: every term is <= 1, so no max pass is
     needed, and the passes run in place in one scratch buffer (``logits`` itself for the last temperature when
@@ -167,6 +173,7 @@ def _rows_from_logits(
     lse = torch.logsumexp(logits, dim=-1)
     top_v, top_i = torch.topk(logits, k, dim=-1, sorted=True)
     target_lp = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - lse
+    draws = _tail_draws(logits, top_i, lse, tail, generator) if tail else None  # before any pass overwrites logits
     others = [t for t in temps if t != 1.0]
     extra: list[torch.Tensor] = []
     scratch: torch.Tensor | None = None
@@ -181,7 +188,37 @@ def _rows_from_logits(
             buf = scratch
         torch.sub(logits, lse.unsqueeze(1), out=buf)
         extra.append(lse / t + buf.mul_(1.0 / t).exp_().sum(dim=-1).log_())
-    return top_i, top_v - lse.unsqueeze(1), target_lp, extra, mom
+    return top_i, top_v - lse.unsqueeze(1), target_lp, extra, mom, draws
+
+
+def _tail_draws(
+    logits: torch.Tensor, top_i: torch.Tensor, lse: torch.Tensor, n: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` ids per row drawn with replacement from ``softmax(logits)`` restricted to outside the row's top-K
+    (``top_i``), and their logprobs under the full distribution (``logits - lse``, like the top-K's).
+
+    One scratch ``[N, V]`` buffer: weights ``exp(z - max outside the top-K)`` with the top-K zeroed
+    (``torch.multinomial`` takes unnormalized weights). A row whose tail is all ``-inf`` logits (a model that masks
+    tokens, K near V) draws uniformly from it and stores logprob ``-inf``: its tail mass is 0, so the estimators
+    (``distill/losses_tail.py``) give the draw weight 0."""
+    w = logits.scatter(1, top_i, float("-inf"))
+    peak = w.amax(dim=-1, keepdim=True)
+    dead = ~torch.isfinite(peak)
+    w.sub_(torch.where(dead, torch.zeros_like(peak), peak)).exp_()
+    if bool(dead.any()):
+        w = torch.where(dead, torch.ones_like(w), w)
+    w.scatter_(1, top_i, 0.0)
+    ids = torch.multinomial(w, n, replacement=True, generator=generator)
+    return ids, logits.gather(1, ids) - lse.unsqueeze(1)
+
+
+#: added to the batch seed for the tail draws' generator, so that generate mode's sampled tokens do not depend on
+#: --tail-samples (the draws use a generator of their own)
+TAIL_SEED_OFFSET = 0x7A11
+
+
+def _tail_generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((int(seed) + TAIL_SEED_OFFSET) % 2**63)
 
 
 def _temps(extra_temperatures: Iterable[float]) -> list[float]:
@@ -200,11 +237,15 @@ def score_rows(
     chunk_positions: int = 256,
     extra_temperatures: Iterable[float] = (),
     logit_moments: bool = False,
+    tail_samples: int = 0,
+    seed: int = 0,
 ) -> list[PositionRows]:
     """Teacher-forced rows for each sequence's loss span ``P-1 .. n-2`` (``n - P`` rows; none when ``P == n``).
 
     ``token_ids_batch[i]`` is the full sequence (prompt + completion) and ``prompt_lens[i]`` its ``P``. The
-    sequences run as one right-padded batch: group sequences of similar length for efficiency.
+    sequences run as one right-padded batch: group sequences of similar length for efficiency. ``tail_samples``
+    draws per row from outside the top-K (``_tail_draws``), from a generator seeded by ``seed``: the same batch,
+    seed, chunking and device reproduce them.
     """
     if len(token_ids_batch) != len(prompt_lens):
         raise ValueError(f"{len(token_ids_batch)} sequences but {len(prompt_lens)} prompt lengths")
@@ -221,7 +262,7 @@ def score_rows(
             raise ValueError(f"sequence {i}: token ids outside [0, {vocab})")
     counts = [len(s) - int(p) for s, p in zip(seqs, prompt_lens)]
     if sum(counts) == 0:
-        return [PositionRows.empty(k, tuple(temps), logit_moments) for _ in seqs]
+        return [PositionRows.empty(k, tuple(temps), logit_moments, tail_samples) for _ in seqs]
 
     device = model.device
     head = logits_head(model)
@@ -249,13 +290,16 @@ def score_rows(
     tgt_lp = torch.empty(total, dtype=torch.float32, device=device)
     extra = [torch.empty(total, dtype=torch.float32, device=device) for _ in temps]
     mom = [torch.empty(total, dtype=torch.float32, device=device) for _ in range(2 if logit_moments else 0)]
+    tails = [torch.empty((total, tail_samples), dtype=dt, device=device) for dt in (torch.int32, torch.float32)]
+    gen = _tail_generator(device, seed) if tail_samples else None
     for start in range(0, total, chunk_positions):
         stop = min(start + chunk_positions, total)
-        ti, tl, tg, ex, mo = _rows_from_logits(
-            head(hidden[start:stop]), targets[start:stop], k, temps, scratch_ok=True, moments=logit_moments
+        ti, tl, tg, ex, mo, dr = _rows_from_logits(
+            head(hidden[start:stop]), targets[start:stop], k, temps, scratch_ok=True, moments=logit_moments,
+            tail=tail_samples, generator=gen,
         )
         top_i[start:stop], top_lp[start:stop], tgt_lp[start:stop] = ti, tl, tg
-        for buf, val in zip(extra + mom, ex + list(mo or ())):
+        for buf, val in zip(extra + mom + (tails if dr else []), ex + list(mo or ()) + list(dr or ())):
             buf[start:stop] = val
 
     all_rows = PositionRows(
@@ -266,11 +310,14 @@ def score_rows(
         extra_lse={t: v.cpu().numpy() for t, v in zip(temps, extra)},
         logit_mean=mom[0].cpu().numpy() if mom else None,
         logit_std=mom[1].cpu().numpy() if mom else None,
+        tail_ids=tails[0].cpu().numpy() if tail_samples else None,
+        tail_logprobs=tails[1].cpu().numpy() if tail_samples else None,
     )
     out: list[PositionRows] = []
     offset = 0
     for c in counts:
-        out.append(all_rows.slice(offset, offset + c) if c else PositionRows.empty(k, tuple(temps), logit_moments))
+        empty = PositionRows.empty(k, tuple(temps), logit_moments, tail_samples)
+        out.append(all_rows.slice(offset, offset + c) if c else empty)
         offset += c
     return out
 
@@ -313,11 +360,14 @@ def generate_rows(
     extra_temperatures: Iterable[float] = (),
     pad_id: int | None = None,
     logit_moments: bool = False,
+    tail_samples: int = 0,
 ) -> list[Generated]:
     """Sample a completion per prompt and capture each generated position's row (see the module docstring).
 
     ``eos_ids`` default to the tokenizer's and the generation config's EOS ids; pass ``()`` to never stop
-    early. ``pad_id`` (default: the tokenizer's pad, else EOS, else 0) only fills masked slots.
+    early. ``pad_id`` (default: the tokenizer's pad, else EOS, else 0) only fills masked slots. ``tail_samples``
+    draws per row from outside the top-K (``_tail_draws``) use a generator of their own, seeded from ``seed``: the
+    sampled tokens are the same with or without them.
     """
     vocab = vocab_width(model)
     check_top_k(k, vocab)
@@ -337,7 +387,8 @@ def generate_rows(
         return []
     if max_new_tokens == 0:
         empty = np.zeros(0, np.int32)
-        return [Generated(empty, "length", PositionRows.empty(k, tuple(temps), logit_moments)) for _ in prompts]
+        rows0 = PositionRows.empty(k, tuple(temps), logit_moments, tail_samples)
+        return [Generated(empty, "length", rows0) for _ in prompts]
 
     device = model.device
     width = max(len(p) for p in prompts)
@@ -357,6 +408,11 @@ def generate_rows(
     tok_lp = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     extra = [torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device) for _ in temps]
     mom = [torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device) for _ in range(2 * logit_moments)]
+    tails = [
+        torch.zeros((batch, max_new_tokens, tail_samples), dtype=dt, device=device)
+        for dt in (torch.int32, torch.float32)
+    ]
+    tail_gen = _tail_generator(device, seed) if tail_samples else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     ones = torch.ones((batch, 1), dtype=mask.dtype, device=device)
@@ -376,9 +432,11 @@ def generate_rows(
         logits = out.logits[:, -1, :].float()
         nxt = _sample(logits, temperature, top_p, generator)
         nxt = torch.where(finished, pad_id, nxt)
-        ti, tl, tg, ex, mo = _rows_from_logits(logits, nxt, k, temps, moments=logit_moments)
+        ti, tl, tg, ex, mo, dr = _rows_from_logits(
+            logits, nxt, k, temps, moments=logit_moments, tail=tail_samples, generator=tail_gen
+        )
         top_i[:, step], top_lp[:, step], tok_lp[:, step], tokens[:, step] = ti, tl, tg, nxt
-        for buf, val in zip(extra + mom, ex + list(mo or ())):
+        for buf, val in zip(extra + mom + (tails if dr else []), ex + list(mo or ()) + list(dr or ())):
             buf[:, step] = val
         lengths += ~finished
         if eos:
@@ -396,6 +454,7 @@ def generate_rows(
     tok_lp_np = tok_lp[:, :n_steps].cpu().numpy()
     extra_np = [e[:, :n_steps].cpu().numpy() for e in extra]
     mom_np = [m[:, :n_steps].cpu().numpy() for m in mom]
+    tails_np = [t[:, :n_steps].cpu().numpy() for t in tails] if tail_samples else []
     eos_set = set(eos)
     results: list[Generated] = []
     for b in range(batch):
@@ -410,6 +469,8 @@ def generate_rows(
             extra_lse={t: e[b, :n] for t, e in zip(temps, extra_np)},
             logit_mean=mom_np[0][b, :n] if mom_np else None,
             logit_std=mom_np[1][b, :n] if mom_np else None,
+            tail_ids=tails_np[0][b, :n] if tails_np else None,
+            tail_logprobs=tails_np[1][b, :n] if tails_np else None,
         )
         results.append(Generated(completion, reason, rows))
     return results

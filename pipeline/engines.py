@@ -18,7 +18,7 @@ class Engine(Protocol):
     vocab_size: int
     max_length: int
 
-    def score(self, token_ids: list[np.ndarray], prompt_lens: list[int]) -> list[PositionRows]: ...
+    def score(self, token_ids: list[np.ndarray], prompt_lens: list[int], seed: int = 0) -> list[PositionRows]: ...
 
     def generate(self, prompt_ids: list[np.ndarray], seed: int) -> list[tuple[np.ndarray, str, PositionRows]]: ...
 
@@ -39,7 +39,7 @@ class HfEngine:
         self.vocab_size = vocab_width(self.model)
         self.max_length = model_context(self.model.config)
 
-    def score(self, token_ids: list[np.ndarray], prompt_lens: list[int]) -> list[PositionRows]:
+    def score(self, token_ids: list[np.ndarray], prompt_lens: list[int], seed: int = 0) -> list[PositionRows]:
         import torch
 
         from .backend_hf import score_rows
@@ -53,6 +53,8 @@ class HfEngine:
                 chunk_positions=self.cfg.chunk_positions,
                 extra_temperatures=self.cfg.extra_temperatures,
                 logit_moments=self.cfg.logit_moments,
+                tail_samples=self.cfg.tail_samples,
+                seed=seed,
             )
 
     def generate(self, prompt_ids: list[np.ndarray], seed: int) -> list[tuple[np.ndarray, str, PositionRows]]:
@@ -72,6 +74,7 @@ class HfEngine:
                 seed=seed,
                 extra_temperatures=self.cfg.extra_temperatures,
                 logit_moments=self.cfg.logit_moments,
+                tail_samples=self.cfg.tail_samples,
             )
         return [(g.completion_ids, g.finish_reason, g.rows) for g in out]
 
@@ -106,7 +109,7 @@ class VllmEngine:
         self.vocab_size = self.backend.vocab_size
         self.max_length = self.backend.max_model_len
 
-    def score(self, token_ids: list[np.ndarray], prompt_lens: list[int]) -> list[PositionRows]:
+    def score(self, token_ids: list[np.ndarray], prompt_lens: list[int], seed: int = 0) -> list[PositionRows]:
         temps = self.cfg.extra_temperatures
         return self.backend.score(
             token_ids, prompt_lens, self.cfg.top_k, extra_temperatures=temps, logit_moments=self.cfg.logit_moments

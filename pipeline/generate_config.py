@@ -75,6 +75,12 @@ class GenerateConfig:
         "Row statistics: also store the mean and (population) std of each position's raw float32 logits over the "
         "full vocabulary width (8 bytes/position; the released MultiLevelOT code normalises logits by their std).",
     )
+    tail_samples: int = option(
+        0,
+        "Sampled tail: per position, store N ids drawn with replacement from the teacher's distribution outside "
+        "the top-K (temperature 1) with their logprobs (8 bytes each), seeded from --seed; kl/rkl's "
+        "tail=\"sampled\" uses them for an unbiased loss (docs/losses.md section 9). hf backend only. 0 = off.",
+    )
     shard_size: int = option(256, "Samples per cache shard (the unit of work, atomicity and resume).")
     num_shards: int = option(1, "Job arrays: number of tasks splitting the shards.")
     shard_index: int = option(0, "Job arrays: this task's index in [0, --num-shards).")
@@ -138,6 +144,12 @@ class GenerateConfig:
             # tempered teacher rows need logsumexp(logits / 1) too: the cached logprobs are already normalized
             self.extra_temperatures = sorted({*(float(t) for t in self.extra_temperatures), 1.0})
         self.row_stats = bool(self.extra_temperatures)  # a config file's `extra_temperatures = []` means none too
+        check(self.tail_samples >= 0, "tail_samples", f"must be >= 0, got {self.tail_samples}")
+        check(
+            self.tail_samples == 0 or self.backend == "hf",
+            "tail_samples",
+            "needs the full distribution, which --backend vllm does not expose; use --backend hf or drop the flag",
+        )
         check(self.chunk_positions >= 1, "chunk_positions", f"must be >= 1, got {self.chunk_positions}")
         check(
             self.max_logprobs is None or self.max_logprobs >= self.top_k,
@@ -175,6 +187,8 @@ class GenerateConfig:
         }
         if not self.logit_moments:
             skip.add("logit_moments")  # only when on: caches made before the flag keep their identity
+        if not self.tail_samples:
+            skip.add("tail_samples")  # likewise
         out = {k: v for k, v in to_dict(self).items() if k not in skip}
         out["dtype"] = self.resolved_dtype()  # --dtype auto and the dtype it picks make the same cache
         return out

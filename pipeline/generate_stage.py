@@ -135,7 +135,8 @@ def process_shard(cfg: GenerateConfig, shard: int, tokenizer: Any, progress: Any
     for b, lo in enumerate(range(0, len(order), cfg.batch_size)):
         batch = [prepared[i] for i in order[lo : lo + cfg.batch_size]]
         if cfg.mode == "score":
-            results: list[Any] = engine.score([p.token_ids for p in batch], [p.prompt_len for p in batch])
+            seed = _batch_seed(cfg.seed, shard, b)  # the tail draws' (--tail-samples)
+            results: list[Any] = engine.score([p.token_ids for p in batch], [p.prompt_len for p in batch], seed)
         else:
             prompts = [p.token_ids[: p.prompt_len] for p in batch]
             results = engine.generate(prompts, _batch_seed(cfg.seed, shard, b))
@@ -166,6 +167,12 @@ def process_shard(cfg: GenerateConfig, shard: int, tokenizer: Any, progress: Any
 def build_header(cfg: GenerateConfig, tokenizer: Any, vocab_size: int) -> CacheHeader:
     from logitcache.models import model_identity
 
+    check(
+        not cfg.tail_samples or cfg.top_k < vocab_size,
+        "tail_samples",
+        f"--top-k {cfg.top_k} covers the teacher's whole vocabulary ({vocab_size}): there is no tail to sample; "
+        "drop --tail-samples",
+    )
     num_samples = len(_inputs(cfg))
     teacher = model_identity(cfg.model, tokenizer=tokenizer)
     teacher["model"] = cfg.model
@@ -188,6 +195,8 @@ def build_header(cfg: GenerateConfig, tokenizer: Any, vocab_size: int) -> CacheH
     }
     if cfg.logit_moments:  # only when on, so caches made before the flag resume
         capture["logit_moments"] = True
+    if cfg.tail_samples:  # likewise
+        capture["tail_samples"] = cfg.tail_samples
     from logitcache.models import end_token_ids, resolve_model
 
     template = resolve_chat_template(tokenizer, cfg.chat_template)
@@ -204,6 +213,7 @@ def build_header(cfg: GenerateConfig, tokenizer: Any, vocab_size: int) -> CacheH
         positions={"name": cfg.positions_backend},
         extra_temperatures=list(cfg.extra_temperatures),
         logit_moments=bool(cfg.logit_moments),
+        tail_samples=int(cfg.tail_samples),
         num_shards=len(shard_ranges(num_samples, cfg.shard_size)),
         metadata={
             "teacher": teacher,

@@ -7,9 +7,11 @@ is refused unless ``overwrite``. New output is format v2 (``schema_version`` 2).
 
 What changes: ``top_k`` (cut to the first K of each row: rows are sorted by descending logprob, so that is the
 top-K; the tail mass grows accordingly, ``target_logprob`` stays exact), the id and logprob codecs, the position
-backend. What does not: the sequences, targets, row statistics, the tokenizer copy and every capture field. The
-resolved conversion is recorded in the output header (``metadata.convert``: the source's URL, header checksum,
-and the settings), so ``cache.json`` says where the cache came from; the capture config stays in
+backend. Tail draws (``tail_samples``) are kept, unless ``drop_tail`` or a cut K drops them: they were drawn
+from outside the source's top-K, so they say nothing of the ranks a cut K moves into the tail (an estimator
+over them would be biased). What does not: the sequences, targets, row statistics, the tokenizer copy and every
+capture field. The resolved conversion is recorded in the output header (``metadata.convert``: the source's
+URL, header checksum, and the settings), so ``cache.json`` says where the cache came from; the capture config stays in
 ``metadata.config``. Re-coding is only as exact as the source: an fp16 source converted to fp32 holds fp16
 values. Alignment stores are not carried over: they are tied to the source's shard checksums; run ``align``
 on the output.
@@ -45,12 +47,15 @@ class _TokenizerFiles:
             self.folder.fs.get_file(self.folder.path(rel), os.path.join(target, rel))
 
 
-def cut_record(record: SequenceRecord, k: int) -> SequenceRecord:
-    """``record`` with its rows cut to the first ``k`` (the top-k: rows are sorted by descending logprob)."""
+def cut_record(record: SequenceRecord, k: int, drop_tail: bool = False) -> SequenceRecord:
+    """``record`` with its rows cut to the first ``k`` (the top-k: rows are sorted by descending logprob), without
+    tail draws when ``drop_tail``."""
     rows = record.rows
-    if rows.k == k:
+    if rows.k == k and not (drop_tail and rows.tail_ids is not None):
         return record
     cut = dataclasses.replace(rows, topk_ids=rows.topk_ids[:, :k], topk_logprobs=rows.topk_logprobs[:, :k])
+    if drop_tail:
+        cut = dataclasses.replace(cut, tail_ids=None, tail_logprobs=None)
     return dataclasses.replace(record, rows=cut)
 
 
@@ -63,12 +68,14 @@ def convert_cache(
     top_k: int | None = None,
     positions: dict[str, Any] | None = None,
     overwrite: bool = False,
+    drop_tail: bool = False,
     storage_options: dict[str, Any] | None = None,
     on_shard: Callable[[int, str], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``source`` re-coded into ``out`` (see the module docstring); returns the output manifest.
 
-    ``None`` keeps the source's setting. ``on_shard(index, "written" | "skipped")`` reports progress.
+    ``None`` keeps the source's setting; ``drop_tail`` leaves the tail draws out (a cut K always does).
+    ``on_shard(index, "written" | "skipped")`` reports progress.
     Raises ``ValueError`` for settings that cannot apply (a larger K, an unknown codec, the same folder).
     """
     src = LogitCache.open(source, storage_options)
@@ -83,7 +90,10 @@ def convert_cache(
     lps = dict(logprob_codec) if logprob_codec is not None else dict(h.logprob_codec)
     id_codec_from_config(ids)  # unknown names fail here, before anything is written
     logprob_codec_from_config(lps)
+    tail = 0 if drop_tail or k < h.top_k else h.tail_samples
     settings = {"top_k": k, "id_codec": ids, "logprob_codec": lps, "positions": dict(positions or h.positions)}
+    if h.tail_samples:
+        settings["tail_samples"] = tail
     metadata = {key: v for key, v in h.metadata.items() if key != "runtime"}
     metadata["convert"] = {
         "source": src.loc.url,
@@ -92,7 +102,8 @@ def convert_cache(
         **settings,
     }
     header = dataclasses.replace(
-        h, top_k=k, id_codec=ids, logprob_codec=lps, positions=settings["positions"], metadata=metadata
+        h, top_k=k, id_codec=ids, logprob_codec=lps, positions=settings["positions"], tail_samples=tail,
+        metadata=metadata,
     )
     writer = CacheWriter(dst.url, header, overwrite=overwrite, storage_options=storage_options)
     done = set(writer.complete_shards())
@@ -102,7 +113,7 @@ def convert_cache(
                 on_shard(info.index, "skipped")
             continue
         marker = src.shard_location(info.index).read_json(SHARD_MARKER)
-        records = [cut_record(r, k) for r in src.iter_shard(info.index)]
+        records = [cut_record(r, k, drop_tail=tail != h.tail_samples) for r in src.iter_shard(info.index)]
         writer.write_shard(info.index, records, counters=marker.get("counters"), skipped=marker.get("skipped"))
         if on_shard:
             on_shard(info.index, "written")

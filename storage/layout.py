@@ -12,6 +12,8 @@ field                 stored as                  decoded
 ``lse@<tau>``         ``lse@<tau>`` float32      float32 ``[n]`` per extra temperature
 ``logit_mean``        ``logit_mean`` float32     float32 ``[n]`` (only with ``logit_moments``)
 ``logit_std``         ``logit_std`` float32      float32 ``[n]`` (only with ``logit_moments``)
+``tail_ids``          ``tail_ids`` int32         int32 ``[n, N]`` (only with ``tail_samples`` N > 0)
+``tail_logprobs``     ``tail_logprobs`` float32  float32 ``[n, N]`` (only with ``tail_samples`` N > 0)
 ====================  =========================  ==========================================
 
 Format v2 codecs may also have *shard-level* parts (the ``rank`` id codec's ``dict``): 1-D arrays stored once per
@@ -54,7 +56,12 @@ def lse_name(tau: float) -> str:
 
 
 def encode_rows(
-    rows: PositionRows, id_codec: IdCodec, lp_codec: LogprobCodec, temperatures: list[float], moments: bool = False
+    rows: PositionRows,
+    id_codec: IdCodec,
+    lp_codec: LogprobCodec,
+    temperatures: list[float],
+    moments: bool = False,
+    tail: int = 0,
 ) -> dict[str, np.ndarray]:
     parts: dict[str, np.ndarray] = {}
     for name, arr in id_codec.encode(rows.topk_ids).items():
@@ -69,6 +76,10 @@ def encode_rows(
         if rows.logit_mean is None or rows.logit_std is None:
             raise ValueError("the cache records logit moments but these rows carry none")
         parts["logit_mean"], parts["logit_std"] = rows.logit_mean, rows.logit_std
+    if tail:
+        if rows.tail_ids is None or rows.tail_logprobs is None or rows.tail_samples != tail:
+            raise ValueError(f"the cache records {tail} tail draws per position, these rows {rows.tail_samples}")
+        parts["tail_ids"], parts["tail_logprobs"] = rows.tail_ids, rows.tail_logprobs
     return parts
 
 
@@ -91,6 +102,7 @@ def decode_rows(
     temperatures: list[float],
     k: int,
     moments: bool = False,
+    tail: int = 0,
 ) -> PositionRows:
     def sub(prefix: str) -> dict[str, np.ndarray]:
         return {name[len(prefix) + 1 :]: a for name, a in parts.items() if name.startswith(prefix + ".")}
@@ -103,6 +115,8 @@ def decode_rows(
         extra_lse={float(t): parts[lse_name(t)] for t in temperatures},
         logit_mean=parts["logit_mean"] if moments else None,
         logit_std=parts["logit_std"] if moments else None,
+        tail_ids=parts["tail_ids"] if tail else None,
+        tail_logprobs=parts["tail_logprobs"] if tail else None,
     )
 
 

@@ -53,10 +53,12 @@ class CacheHeader:
     (``storage.codecs``); ``positions`` names the position backend and its options; ``extra_temperatures``
     lists the taus whose ``logsumexp(logits / tau)`` is stored; ``logit_moments`` says whether every position also
     stores its logits' mean and std (``logit_mean``/``logit_std``; the key is written only when true, so caches
-    without them keep the header, and the fingerprint, they always had). ``metadata`` is free-form and filled by stage
-    one: ``teacher`` (model id, weight hash, vocab size, tokenizer fingerprint, chat-template hash), ``capture``
-    (mode, K, sampling parameters, seed, max tokens), ``input`` (dataset fingerprint), ``config`` (the resolved
-    stage config) and ``runtime`` (backend and library versions; not part of the identity).
+    without them keep the header, and the fingerprint, they always had); ``tail_samples`` is the number of tail
+    draws per position (``tail_ids``/``tail_logprobs``; 0 = none, then absent from the header, likewise).
+    ``metadata`` is free-form and filled by stage one: ``teacher`` (model id, weight hash, vocab size, tokenizer
+    fingerprint, chat-template hash), ``capture`` (mode, K, sampling parameters, seed, max tokens), ``input``
+    (dataset fingerprint), ``config`` (the resolved stage config) and ``runtime`` (backend and library versions;
+    not part of the identity).
     """
 
     top_k: int
@@ -66,6 +68,7 @@ class CacheHeader:
     positions: dict[str, Any] = field(default_factory=lambda: {"name": "zarr"})
     extra_temperatures: list[float] = field(default_factory=list)
     logit_moments: bool = False
+    tail_samples: int = 0
     num_shards: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -79,11 +82,17 @@ class CacheHeader:
         self.extra_temperatures = sorted(float(t) for t in self.extra_temperatures)
         if any(t <= 0 for t in self.extra_temperatures):
             raise ValueError(f"extra temperatures must be > 0, got {self.extra_temperatures}")
+        if isinstance(self.tail_samples, bool) or not isinstance(self.tail_samples, int) or self.tail_samples < 0:
+            raise ValueError(f"tail_samples must be an integer >= 0, got {self.tail_samples!r}")
+        if self.tail_samples and self.top_k >= self.vocab_size:
+            raise ValueError(f"tail_samples needs a tail: top_k ({self.top_k}) covers the vocabulary")
 
     def to_dict(self) -> dict[str, Any]:
         d = json.loads(json.dumps(asdict(self)))
         if not self.logit_moments:
             del d["logit_moments"]  # absent = none: headers (and fingerprints) of caches without them are unchanged
+        if not self.tail_samples:
+            del d["tail_samples"]  # likewise
         return d
 
     @staticmethod
@@ -97,6 +106,7 @@ class CacheHeader:
                 positions=dict(d["positions"]),
                 extra_temperatures=list(d.get("extra_temperatures", [])),
                 logit_moments=_flag(d.get("logit_moments", False), "logit_moments"),
+                tail_samples=d.get("tail_samples", 0),
                 num_shards=d.get("num_shards"),
                 metadata=dict(d.get("metadata", {})),
             )

@@ -208,7 +208,9 @@ class LogitCache:
         if tables:
             parts = {**parts, **tables}
         h = self.header
-        return decode_rows(parts, self.id_codec, self.lp_codec, h.extra_temperatures, self.top_k, h.logit_moments)
+        return decode_rows(
+            parts, self.id_codec, self.lp_codec, h.extra_temperatures, self.top_k, h.logit_moments, h.tail_samples
+        )
 
     def iter_rows(self, index: int, block_rows: int = 65536) -> Iterator[PositionRows]:
         """Stream shard ``index``'s rows in blocks (the sequential fast path)."""

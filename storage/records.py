@@ -31,6 +31,9 @@ class PositionRows:
     ``[n]`` values of ``logsumexp(logits / tau)`` (only backends that see full logits can record it).
     ``logit_mean``/``logit_std`` (both or neither, float32 ``[n]``) are the mean and population standard
     deviation of the raw float32 logits over the full vocabulary width (``--logit-moments``; None when not
+    recorded). ``tail_ids``/``tail_logprobs`` (both or neither, int32/float32 ``[n, N]``) are ``N`` ids drawn with
+    replacement from the teacher's distribution at temperature 1 restricted to outside the row's top-K, with their
+    logprobs (normalized over the full vocabulary, like ``topk_logprobs``; ``--tail-samples``; None when not
     recorded).
     """
 
@@ -41,6 +44,8 @@ class PositionRows:
     extra_lse: dict[float, np.ndarray] = field(default_factory=dict)
     logit_mean: np.ndarray | None = None
     logit_std: np.ndarray | None = None
+    tail_ids: np.ndarray | None = None
+    tail_logprobs: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.topk_ids = np.ascontiguousarray(self.topk_ids, dtype=np.int32)
@@ -69,6 +74,43 @@ class PositionRows:
             for name, v in (("logit_mean", self.logit_mean), ("logit_std", self.logit_std)):
                 if v.shape[0] != n:
                     raise ValueError(f"PositionRows: {name} has {v.shape[0]} rows, expected {n}")
+        if (self.tail_ids is None) != (self.tail_logprobs is None):
+            raise ValueError("PositionRows: tail_ids and tail_logprobs come together (both or neither)")
+        if self.tail_ids is not None and self.tail_logprobs is not None:
+            self.tail_ids = np.ascontiguousarray(self.tail_ids, dtype=np.int32)
+            self.tail_logprobs = np.ascontiguousarray(self.tail_logprobs, dtype=np.float32)
+            shape = self.tail_ids.shape
+            if self.tail_ids.ndim != 2 or shape != self.tail_logprobs.shape or shape[0] != n:
+                raise ValueError(
+                    f"PositionRows: tail_ids {self.tail_ids.shape} and tail_logprobs {self.tail_logprobs.shape} must "
+                    f"both be [n, N] with n = {n}"
+                )
+
+    @property
+    def tail_samples(self) -> int:
+        """``N``, the tail draws per row (0 when the rows carry none)."""
+        return 0 if self.tail_ids is None else int(self.tail_ids.shape[1])
+
+    def tail_problem(self, vocab: int) -> tuple[int, str] | None:
+        """The first row whose tail draws are unsound and what is wrong (None: sound, or no draws): ids outside
+        ``[0, vocab)`` or inside the row's top-K, logprobs NaN or positive."""
+        if self.tail_ids is None or self.tail_logprobs is None or not self.tail_ids.size:
+            return None
+        ids, lps = self.tail_ids, self.tail_logprobs
+        bad = np.flatnonzero(((ids < 0) | (ids >= vocab)).any(axis=1))
+        if bad.size:
+            r = int(bad[0])
+            return r, f"tail_ids value {ids[r][(ids[r] < 0) | (ids[r] >= vocab)][0]} outside [0, {vocab})"
+        bad = np.flatnonzero(~(lps <= 0).all(axis=1))  # NaN compares False
+        if bad.size:
+            return int(bad[0]), "tail_logprobs NaN or positive (logprobs must be <= 0)"
+        for start in range(0, self.n, 4096):  # [rows, N, K] comparisons, in blocks to bound memory
+            stop = min(start + 4096, self.n)
+            inside = (ids[start:stop, :, None] == self.topk_ids[start:stop, None, :]).any(axis=(1, 2))
+            if inside.any():
+                return start + int(np.flatnonzero(inside)[0]), "tail_ids holds an id of the row's top-K (draws come "\
+                    "from outside it)"
+        return None
 
     @property
     def has_moments(self) -> bool:
@@ -89,7 +131,7 @@ class PositionRows:
         return np.clip(1.0 - mass, 0.0, 1.0).astype(np.float32)
 
     @staticmethod
-    def empty(k: int, temperatures: tuple[float, ...] = (), moments: bool = False) -> PositionRows:
+    def empty(k: int, temperatures: tuple[float, ...] = (), moments: bool = False, tail: int = 0) -> PositionRows:
         z = np.zeros(0, np.float32) if moments else None
         return PositionRows(
             topk_ids=np.zeros((0, k), np.int32),
@@ -99,6 +141,8 @@ class PositionRows:
             extra_lse={t: np.zeros(0, np.float32) for t in temperatures},
             logit_mean=z,
             logit_std=z,
+            tail_ids=np.zeros((0, tail), np.int32) if tail else None,
+            tail_logprobs=np.zeros((0, tail), np.float32) if tail else None,
         )
 
     @staticmethod
@@ -109,6 +153,9 @@ class PositionRows:
         moments = parts[0].has_moments
         if any(p.has_moments != moments for p in parts):
             raise ValueError("PositionRows.concat: some parts carry logit moments and others do not")
+        tail = parts[0].tail_ids is not None
+        if any((p.tail_ids is not None) != tail for p in parts):
+            raise ValueError("PositionRows.concat: some parts carry tail draws and others do not")
         return PositionRows(
             topk_ids=np.concatenate([p.topk_ids for p in parts]),
             topk_logprobs=np.concatenate([p.topk_logprobs for p in parts]),
@@ -117,6 +164,8 @@ class PositionRows:
             extra_lse={t: np.concatenate([p.extra_lse[t] for p in parts]) for t in temps},
             logit_mean=np.concatenate([p.logit_mean for p in parts]) if moments else None,  # type: ignore[misc]
             logit_std=np.concatenate([p.logit_std for p in parts]) if moments else None,  # type: ignore[misc]
+            tail_ids=np.concatenate([p.tail_ids for p in parts]) if tail else None,  # type: ignore[misc]
+            tail_logprobs=np.concatenate([p.tail_logprobs for p in parts]) if tail else None,  # type: ignore[misc]
         )
 
     def slice(self, start: int, stop: int) -> PositionRows:
@@ -128,6 +177,8 @@ class PositionRows:
             extra_lse={t: v[start:stop] for t, v in self.extra_lse.items()},
             logit_mean=None if self.logit_mean is None else self.logit_mean[start:stop],
             logit_std=None if self.logit_std is None else self.logit_std[start:stop],
+            tail_ids=None if self.tail_ids is None else self.tail_ids[start:stop],
+            tail_logprobs=None if self.tail_logprobs is None else self.tail_logprobs[start:stop],
         )
 
 

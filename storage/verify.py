@@ -6,7 +6,7 @@ arrays in blocks, so it runs in bounded memory on any cache size. Checks: manife
 shard's marker, file sizes and sha256 checksum; sequence-table schema; row ranges contiguous and consistent with
 token counts (``row_count == len(token_ids) - prompt_len``); byte offsets non-decreasing and inside the text;
 position array lengths and dtypes; ids in ``[0, vocab)``; logprobs ``<= 0``, not NaN, sorted descending per row;
-sample ids unique across shards.
+tail draws (``tail_samples``) in range, outside their row's top-K, logprobs ``<= 0``; sample ids unique across shards.
 
 Beyond the shards: the manifest header against its recorded checksum (an edited ``vocab_size`` would otherwise
 go unnoticed), ``cache.json`` readable, identical in identity to the manifest's header and matching its recorded
@@ -292,6 +292,9 @@ def _check_rows(rows: Any, vocab: int, where: str, problems: list[str]) -> None:
                 f"{where}: {int(unsorted.sum())} rows not sorted by descending logprob (first: row "
                 f"{int(np.argmax(unsorted))})"
             )
+    tail = rows.tail_problem(vocab)
+    if tail is not None:
+        problems.append(f"{where}: row {tail[0]}: {tail[1]}")
 
 
 def describe_cache(cache: LogitCache) -> dict[str, Any]:
@@ -311,6 +314,7 @@ def describe_cache(cache: LogitCache) -> dict[str, Any]:
         # row statistics recorded per position, exact over the full vocabulary (docs/format.md); none in v1 caches
         "row_statistics": [f"lse@{t:g}" for t in cache.header.extra_temperatures]
         + (["logit_mean", "logit_std"] if cache.header.logit_moments else []),
+        "tail_samples": cache.header.tail_samples,  # tail draws per position (0: none; docs/format.md)
         "codecs": {"ids": cache.header.id_codec, "logprobs": cache.header.logprob_codec},
         "positions_backend": cache.header.positions,
         "shards": len(cache.shards),

@@ -215,15 +215,23 @@ class CacheWriter:
                     f"sample {r.sample_id}: rows {have} logit moments, the cache's logit_moments is "
                     f"{self.header.logit_moments}"
                 )
+            if r.rows.tail_samples != self.header.tail_samples:
+                raise ValueError(
+                    f"sample {r.sample_id}: rows carry {r.rows.tail_samples} tail draws per position, the cache's "
+                    f"tail_samples is {self.header.tail_samples}"
+                )
             if r.rows.n and (int(r.rows.topk_ids.max()) >= self.header.vocab_size or int(r.rows.topk_ids.min()) < 0):
                 raise ValueError(f"sample {r.sample_id}: a top-k id is outside [0, {self.header.vocab_size})")
         rows = (
             PositionRows.concat([r.rows for r in records], k)
             if records
-            else PositionRows.empty(k, tuple(self.header.extra_temperatures), self.header.logit_moments)
+            else PositionRows.empty(
+                k, tuple(self.header.extra_temperatures), self.header.logit_moments, self.header.tail_samples
+            )
         )
+        h = self.header
         parts, tables = split_shard_parts(
-            encode_rows(rows, self.id_codec, self.lp_codec, self.header.extra_temperatures, self.header.logit_moments),
+            encode_rows(rows, self.id_codec, self.lp_codec, h.extra_temperatures, h.logit_moments, h.tail_samples),
             self.id_codec,
             self.lp_codec,
         )
