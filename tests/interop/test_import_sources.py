@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from logitcache.config import ConfigError
 from logitcache.interop.distillkit_codec import (
     DistillKitConfig,
+    _unpack_windows64,
     compress_logprobs,
     decompress_logprobs,
     pack_bits,
@@ -52,6 +53,20 @@ def test_bit_unpacking_inverts_packing(bits, count, seed):
     assert packed.shape == (5, (count * bits + 7) // 8)
     np.testing.assert_array_equal(unpack_bits(packed, bits, count), x)
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(9, 25), st.integers(1, 70), st.integers(0, 8), st.integers(0, 2**31 - 1))
+def test_32bit_unpacking_matches_the_64bit_windows_and_a_bitwise_reference(bits, count, extra, seed):
+    """The 32-bit word path (9..25 bits) against the previous 64-bit one and a per-bit reference, on random bytes
+    (not only packed ones: trailing bits and spare bytes set)."""
+    rng = np.random.default_rng(seed)
+    buf = rng.integers(0, 256, size=(7, (count * bits + 7) // 8 + extra), dtype=np.uint8)
+    got = unpack_bits(buf, bits, count)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, _unpack_windows64(buf, bits, count))
+    flat = np.unpackbits(buf, axis=1)[:, : count * bits].reshape(7, count, bits).astype(np.int64)
+    np.testing.assert_array_equal(got, (flat << np.arange(bits - 1, -1, -1)).sum(axis=2))
 
 def test_lossy_distillkit_rows_decode_close_to_the_originals():
     rng = np.random.default_rng(0)
