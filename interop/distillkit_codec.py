@@ -192,8 +192,26 @@ def _unpack_windows64(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
 def pack_bits(x: np.ndarray, bits: int) -> np.ndarray:
     """``pack_to_bytes``: integers ``[N, C]`` (masked to ``bits``) into uint8 ``[N, ceil(C * bits / 8)]``, MSB first.
 
-    Elements are OR-ed into unaligned big-endian 64-bit windows, in passes over elements far enough apart that
-    their windows do not overlap (no per-bit expansion)."""
+    Elements are OR-ed into unaligned big-endian words (32-bit up to 25 bits, else 64-bit), in passes over elements
+    far enough apart that their words do not overlap (no per-bit expansion)."""
+    if bits > 25:
+        return _pack_windows64(x, bits)
+    x = np.asarray(x).astype(np.uint32) & np.uint32((1 << bits) - 1)
+    n, count = x.shape
+    m = (count * bits + 7) // 8
+    padded = np.zeros((n, m + 4), np.uint8)
+    windows = np.ndarray((n, m + 1), dtype=">u4", buffer=padded, strides=(m + 4, 1))
+    start = np.arange(count, dtype=np.int64) * bits
+    shift = (32 - (start % 8) - bits).astype(np.uint32)
+    step = -(-32 // bits)  # elements this far apart start >= 4 bytes apart: their words are disjoint
+    for g in range(min(step, count)):
+        j = np.arange(g, count, step)
+        windows[:, start[j] // 8] |= x[:, j] << shift[j]
+    return padded[:, :m].copy()
+
+
+def _pack_windows64(x: np.ndarray, bits: int) -> np.ndarray:
+    """`pack_bits` through 64-bit big-endian windows (any ``bits``; per-bit above 57)."""
     x = np.asarray(x).astype(np.uint64) & np.uint64((1 << bits) - 1)
     n, count = x.shape
     m = (count * bits + 7) // 8

@@ -121,17 +121,23 @@ def _padded(child_ids: pa.Array, child_lps: pa.Array, k: int, what: str) -> tupl
 
 
 def _prompt_lens(table: pa.Table, field: str, offs: np.ndarray) -> list[int | None]:
+    """Per sequence, the first trained position of the mask column: labels (``-100`` = not trained), or a 0/1
+    attention-style mask when a sequence's values are all 0 or 1 (0 = not trained); its length when none is.
+    One numpy pass over the block."""
     if field not in table.column_names:
         return [None] * (len(offs) - 1)
     m_offs, flat = _lists(table.column(field))
-    vals = flat.to_numpy(zero_copy_only=False)
-    out: list[int | None] = []
-    for i in range(len(m_offs) - 1):
-        v = vals[m_offs[i] : m_offs[i + 1]]
-        trained = (v != -100) & (v != 0) if v.size and set(np.unique(v).tolist()) <= {0, 1} else v != -100
-        hit = np.flatnonzero(trained)
-        out.append(int(hit[0]) if hit.size else len(v))
-    return out
+    vals = np.asarray(flat.to_numpy(zero_copy_only=False))
+    lens = np.diff(m_offs)
+    n = len(lens)
+    seq = np.repeat(np.arange(n), lens)
+    binary = np.bincount(seq, weights=(vals != 0) & (vals != 1), minlength=n) == 0  # every value 0 or 1
+    trained = (vals != -100) & ~(binary[seq] & (vals == 0))
+    hit = np.flatnonzero(trained)
+    out = lens.copy()
+    first = np.unique(seq[hit], return_index=True)  # hits are in order: the first per sequence
+    out[first[0]] = hit[first[1]] - m_offs[:-1][first[0]]
+    return [int(v) for v in out]
 
 
 def _messages(table: pa.Table, field: str, i: int) -> list[dict[str, str]] | None:
