@@ -14,6 +14,7 @@ end (including ``CacheWriter``'s fp16 + zarr shard writes). Medians over ``--rep
 
     python bench/interop.py                          # 1M positions, K=64 (docs/benchmarks.md)
     python bench/interop.py --positions 200000       # quicker
+    python bench/interop.py --formats topk-parquet,distillkit
 
 Target (issue 17): import and export >= 500k positions/s per process on the Parquet formats.
 """
@@ -148,6 +149,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--formats", default="topk-parquet,distillkit,distillkit-lossy,openai-logprobs",
+                    help="comma-separated subset to run")
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="bench-interop-")
     try:
@@ -155,10 +158,11 @@ def main() -> None:
         cache = os.path.join(root, "cache")
         build_cache(cache, tok_dir, args.positions, args.k, args.seq_len)
         small = os.path.join(root, "small")
-        build_cache(small, tok_dir, args.openai_positions, args.k, args.seq_len)
+        if "openai-logprobs" in args.formats:
+            build_cache(small, tok_dir, args.openai_positions, args.k, args.seq_len)
         ours = size(os.path.join(cache, "shards"))
         results = {}
-        for fmt in ("topk-parquet", "distillkit", "distillkit-lossy", "openai-logprobs"):
+        for fmt in args.formats.split(","):
             src_cache = small if fmt == "openai-logprobs" else cache
             n = LogitCache.open(src_cache).num_positions
             ex, rr, im, wall, sz = [], [], [], [], 0

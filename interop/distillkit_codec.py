@@ -143,7 +143,11 @@ def vocab_size_for(tokenizer: Any) -> int:
 
 def unpack_bits(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
     """``unpack_from_bytes``: ``count`` unsigned ``bits``-bit integers per row of ``buf`` (uint8 ``[N, M]``), MSB
-    first; returns ``[N, count]`` integers (uint8 for 1, 2, 4 and 8 bits, else int64)."""
+    first; returns ``[N, count]`` integers (uint8 for 1, 2, 4 and 8 bits, int32 for 9..25 bits, else int64).
+
+    Whole blocks at once: an element of at most 25 bits lies inside the big-endian 32-bit word that starts at its
+    first byte, so one strided gather of those (unaligned) words, a shift and a mask decode every row together;
+    wider elements use 64-bit words (`_unpack_windows64`)."""
     n, m = buf.shape
     if count * bits > m * 8:
         raise ValueError(f"{count} elements of {bits} bits need {count * bits} bits, rows hold {m * 8}")
@@ -159,6 +163,21 @@ def unpack_bits(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
         flat = np.unpackbits(buf, axis=1)[:, : count * bits].reshape(n, count, bits).astype(np.uint64)
         weights = np.left_shift(np.uint64(1), np.arange(bits - 1, -1, -1, dtype=np.uint64))
         return (flat * weights).sum(axis=2, dtype=np.uint64).astype(np.int64)
+    if bits > 25:
+        return _unpack_windows64(buf, bits, count)
+    padded = np.zeros((n, m + 4), np.uint8)
+    padded[:, :m] = buf
+    windows = np.ndarray((n, m + 1), dtype=">u4", buffer=padded, strides=(m + 4, 1))  # unaligned BE words
+    start = np.arange(count, dtype=np.int64) * bits
+    w = windows[:, start // 8].astype(np.uint32)
+    np.right_shift(w, (32 - (start % 8) - bits).astype(np.uint32), out=w)
+    np.bitwise_and(w, np.uint32((1 << bits) - 1), out=w)
+    return w.view(np.int32)
+
+
+def _unpack_windows64(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """`unpack_bits` through 64-bit big-endian windows (any ``bits`` <= 57), as int64."""
+    n, m = buf.shape
     padded = np.empty((n, m + 8), np.uint8)
     padded[:, :m] = buf
     padded[:, m:] = 0
@@ -173,8 +192,26 @@ def unpack_bits(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
 def pack_bits(x: np.ndarray, bits: int) -> np.ndarray:
     """``pack_to_bytes``: integers ``[N, C]`` (masked to ``bits``) into uint8 ``[N, ceil(C * bits / 8)]``, MSB first.
 
-    Elements are OR-ed into unaligned big-endian 64-bit windows, in passes over elements far enough apart that
-    their windows do not overlap (no per-bit expansion)."""
+    Elements are OR-ed into unaligned big-endian words (32-bit up to 25 bits, else 64-bit), in passes over elements
+    far enough apart that their words do not overlap (no per-bit expansion)."""
+    if bits > 25:
+        return _pack_windows64(x, bits)
+    x = np.asarray(x).astype(np.uint32) & np.uint32((1 << bits) - 1)
+    n, count = x.shape
+    m = (count * bits + 7) // 8
+    padded = np.zeros((n, m + 4), np.uint8)
+    windows = np.ndarray((n, m + 1), dtype=">u4", buffer=padded, strides=(m + 4, 1))
+    start = np.arange(count, dtype=np.int64) * bits
+    shift = (32 - (start % 8) - bits).astype(np.uint32)
+    step = -(-32 // bits)  # elements this far apart start >= 4 bytes apart: their words are disjoint
+    for g in range(min(step, count)):
+        j = np.arange(g, count, step)
+        windows[:, start[j] // 8] |= x[:, j] << shift[j]
+    return padded[:, :m].copy()
+
+
+def _pack_windows64(x: np.ndarray, bits: int) -> np.ndarray:
+    """`pack_bits` through 64-bit big-endian windows (any ``bits``; per-bit above 57)."""
     x = np.asarray(x).astype(np.uint64) & np.uint64((1 << bits) - 1)
     n, count = x.shape
     m = (count * bits + 7) // 8

@@ -137,6 +137,20 @@ class Rebuilder:
             w[-1] = 0
         return w
 
+    def offsets_for_text(self, raw: RawSequence, ids: np.ndarray, widths: np.ndarray, text: str) -> np.ndarray:
+        """Byte offsets of ``ids`` in the source's ``text``. Fast path: the ids' bytes (``widths``: BOS and a final
+        EOS zero-width, other specials literal) spell ``text`` exactly, so the offsets are their running sum; else
+        `byte_offsets_for_ids` decides (specials absent from the text, a stripped dummy prefix) or names the
+        first difference."""
+        pieces = self.info.pieces
+        if b"".join([pieces[i] for i, x in zip(ids.tolist(), widths.tolist()) if x]) == text.encode("utf-8"):
+            return np.concatenate(([0], np.cumsum(widths[:-1]))).astype(np.int64) if ids.size else np.zeros(0, np.int64)
+        try:
+            return byte_offsets_for_ids(self.tok, ids, text, sample=raw.index)
+        except TokenizationMismatchError:
+            got = self._text(raw, ids, widths, "sequence")
+            raise self._fail(raw, _first_diff(got, text, "text")) from None
+
     def _text(self, raw: RawSequence, ids: np.ndarray, widths: np.ndarray, what: str) -> str:
         pieces = self.info.pieces
         data = b"".join([pieces[i] for i, w in zip(ids.tolist(), widths.tolist()) if w])
@@ -200,11 +214,7 @@ class Rebuilder:
             w = self.widths(raw, ids, 0)
             if raw.check_text is not None:  # the source's text decides (zero-width BOS/EOS, a dummy prefix)
                 text = raw.check_text
-                try:
-                    offsets = byte_offsets_for_ids(self.tok, ids, text, sample=raw.index)
-                except TokenizationMismatchError:
-                    got = self._text(raw, ids, w, "sequence")
-                    raise self._fail(raw, _first_diff(got, text, "text")) from None
+                offsets = self.offsets_for_text(raw, ids, w, text)
             else:
                 text, keep = self._text_prefix(raw, ids, w)
                 if keep < len(ids):  # a capture cut at max length inside a character: drop the partial character

@@ -12,7 +12,8 @@ footers), and decodes the rest one block at a time.
   (``packed_indices``, ``exact_values``, ``coeffs``) is refused: it stores mean-centred logits of the top-k, not
   logprobs, so no normalized distribution can be rebuilt from it.
 - ``topk-parquet``: per sequence a token id list and per-position top-k id/logprob lists (entry ``p`` predicts
-  token ``p+1``; rows may be shorter than K, padded with ``-inf``), field names configurable.
+  token ``p+1``; rows may be shorter than K, padded with ``-inf``), field names configurable. K is the longest
+  row of the first 64 sequences (a longer row later is refused, naming its row group).
 - ``openai-logprobs``: JSONL of chat completions (``choices[].logprobs.content[].top_logprobs``, as OpenAI's and
   vLLM's servers return them), each with its request ``messages``; token strings are mapped to teacher ids
   through their ``bytes`` (or ``token_id:N`` strings, vLLM's ``--return-tokens-as-token-ids``).
@@ -43,6 +44,7 @@ Decoded = tuple[list[RawSequence], dict[str, int]]
 Block = tuple[int, int, Callable[[], Decoded]]
 BLOCK_ROWS = 512  # sequences decoded together (bounded memory: one block of rows at a time)
 NEG_FLOOR = -9999.0  # OpenAI's stand-in for -inf in JSON
+K_SEQUENCES = 64  # topk-parquet / raw DistillKit: K is the longest row of the first 64 sequences
 
 
 class SourceError(ConfigError):
@@ -119,17 +121,23 @@ def _padded(child_ids: pa.Array, child_lps: pa.Array, k: int, what: str) -> tupl
 
 
 def _prompt_lens(table: pa.Table, field: str, offs: np.ndarray) -> list[int | None]:
+    """Per sequence, the first trained position of the mask column: labels (``-100`` = not trained), or a 0/1
+    attention-style mask when a sequence's values are all 0 or 1 (0 = not trained); its length when none is.
+    One numpy pass over the block."""
     if field not in table.column_names:
         return [None] * (len(offs) - 1)
     m_offs, flat = _lists(table.column(field))
-    vals = flat.to_numpy(zero_copy_only=False)
-    out: list[int | None] = []
-    for i in range(len(m_offs) - 1):
-        v = vals[m_offs[i] : m_offs[i + 1]]
-        trained = (v != -100) & (v != 0) if v.size and set(np.unique(v).tolist()) <= {0, 1} else v != -100
-        hit = np.flatnonzero(trained)
-        out.append(int(hit[0]) if hit.size else len(v))
-    return out
+    vals = np.asarray(flat.to_numpy(zero_copy_only=False))
+    lens = np.diff(m_offs)
+    n = len(lens)
+    seq = np.repeat(np.arange(n), lens)
+    binary = np.bincount(seq, weights=(vals != 0) & (vals != 1), minlength=n) == 0  # every value 0 or 1
+    trained = (vals != -100) & ~(binary[seq] & (vals == 0))
+    hit = np.flatnonzero(trained)
+    out = lens.copy()
+    first = np.unique(seq[hit], return_index=True)  # hits are in order: the first per sequence
+    out[first[0]] = hit[first[1]] - m_offs[:-1][first[0]]
+    return [int(v) for v in out]
 
 
 def _messages(table: pa.Table, field: str, i: int) -> list[dict[str, str]] | None:
@@ -207,13 +215,16 @@ class ParquetSource:
         if self.dk is not None:
             return self.dk.k
         name = "top_values" if self.kind == "raw" else self.cfg.topk_logprobs_field
-        for h in self.handles:
-            for rg in range(h.num_row_groups):
-                col = h.read_row_group(rg, columns=[name]).column(name)
-                _, rows = _lists(col)
+        k, seen = 0, 0
+        for h in self.handles:  # the first K_SEQUENCES sequences decide (not a whole row group: it would be decoded)
+            for batch in h.iter_batches(batch_size=16, columns=[name], use_threads=False):
+                _, rows = _lists(batch.column(0))
                 lens = np.diff(_lists(rows)[0])
-                if lens.size and lens.max() > 0:
-                    return int(lens.max())
+                k, seen = max(k, int(lens.max()) if lens.size else 0), seen + batch.num_rows
+                if k and seen >= K_SEQUENCES:
+                    return k
+        if k:
+            return k
         raise SourceError(f"SRC {self.cfg.src}: no row holds any top-k entry")
 
     def info(self) -> SourceInfo:

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from logitcache.config import ConfigError
 from logitcache.interop.distillkit_codec import DistillKitConfig, compress_logprobs, decompress_logprobs, pack_bits
@@ -194,3 +196,38 @@ def test_a_capture_cut_inside_a_character_drops_the_partial_character(teacher, t
     assert r.completion_text in ("Tea", "Tea ") and r.rows.n == len(r.token_ids) - r.prompt_len
     assert LogitCache.open(tmp_path / "c").manifest["counters"]["cut_incomplete_utf8"] == 1
     assert verify_cache(str(tmp_path / "c")) == []
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.booleans(), st.booleans(), st.booleans(), st.booleans())
+def test_offsets_fast_path_equals_byte_offsets_for_ids(teacher, seed, bos, eos, bos_in_text, eos_in_text):
+    """`Rebuilder.offsets_for_text` (the ids' bytes spell the text: offsets are a running sum) gives what the per-token
+    `byte_offsets_for_ids` gives, on random sequences with a BOS, chat specials, an EOS, each in the text or not."""
+    from transformers import AutoTokenizer
+
+    from logitcache.interop.rebuild import ImportMismatchError, RawSequence, Rebuilder
+    from logitcache.tokenization import TokenizationMismatchError, byte_offsets_for_ids
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    rb = Rebuilder(tok, "token:1", len(tok))
+    info = rb.info
+    rng = np.random.default_rng(seed)
+    regular = [i for i in range(info.size) if not info.special[i] and info.lengths[i] and info.pieces[i].isascii()]
+    body = [int(rng.choice([2, 3])) if rng.random() < 0.1 else int(rng.choice(regular))
+            for _ in range(rng.integers(0, 40))]
+    ids = ([0] if bos else []) + body + ([1] if eos else [])
+    parts = [info.pieces[i] for i in body]
+    text = ((b"<|bos|>" if bos and bos_in_text else b"") + b"".join(parts)
+            + (b"<|eos|>" if eos and eos_in_text else b"")).decode()
+    arr = np.asarray(ids, np.int64)
+    raw = RawSequence(index=0, source_id="s", token_ids=arr, row_offset=1, topk_ids=np.zeros((0, 1)),
+                      topk_logprobs=np.zeros((0, 1)))
+    try:
+        want = byte_offsets_for_ids(tok, arr, text, sample=0)
+    except TokenizationMismatchError:
+        with pytest.raises(ImportMismatchError):
+            rb.offsets_for_text(raw, arr, rb.widths(raw, arr, 0), text)
+        return
+    got = rb.offsets_for_text(raw, arr, rb.widths(raw, arr, 0), text)
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == want.dtype or not len(ids)

@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 from logitcache.config import ConfigError
 from logitcache.interop.distillkit_codec import (
     DistillKitConfig,
+    _pack_windows64,
+    _unpack_windows64,
     compress_logprobs,
     decompress_logprobs,
     pack_bits,
@@ -28,6 +30,7 @@ from logitcache.interop.distillkit_codec import (
 from logitcache.interop.export_stage import run_export
 from logitcache.interop.import_stage import run_import
 from logitcache.interop.interop_config import ExportConfig, ImportConfig
+from logitcache.interop.sources import _lists, _prompt_lens
 from logitcache.storage import LogitCache, verify_cache
 from logitcache.testing.tiny_models import unigram_tokenizer
 
@@ -52,6 +55,57 @@ def test_bit_unpacking_inverts_packing(bits, count, seed):
     assert packed.shape == (5, (count * bits + 7) // 8)
     np.testing.assert_array_equal(unpack_bits(packed, bits, count), x)
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(9, 25), st.integers(1, 70), st.integers(0, 8), st.integers(0, 2**31 - 1))
+def test_32bit_unpacking_matches_the_64bit_windows_and_a_bitwise_reference(bits, count, extra, seed):
+    """The 32-bit word path (9..25 bits) against the previous 64-bit one and a per-bit reference, on random bytes
+    (not only packed ones: trailing bits and spare bytes set)."""
+    rng = np.random.default_rng(seed)
+    buf = rng.integers(0, 256, size=(7, (count * bits + 7) // 8 + extra), dtype=np.uint8)
+    got = unpack_bits(buf, bits, count)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, _unpack_windows64(buf, bits, count))
+    flat = np.unpackbits(buf, axis=1)[:, : count * bits].reshape(7, count, bits).astype(np.int64)
+    np.testing.assert_array_equal(got, (flat << np.arange(bits - 1, -1, -1)).sum(axis=2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 25), st.integers(1, 70), st.integers(0, 2**31 - 1))
+def test_32bit_packing_matches_the_64bit_windows(bits, count, seed):
+    """The 32-bit word packer (up to 25 bits) writes the bytes the previous 64-bit one wrote, out-of-range bits
+    masked off the same way."""
+    x = np.random.default_rng(seed).integers(0, 2**31, size=(6, count), dtype=np.int64)
+    np.testing.assert_array_equal(pack_bits(x, bits), _pack_windows64(x, bits))
+
+
+def _prompt_lens_per_row(table, field, offs):
+    """The previous per-sequence implementation of `sources._prompt_lens`, kept as the reference."""
+    if field not in table.column_names:
+        return [None] * (len(offs) - 1)
+    m_offs, flat = _lists(table.column(field))
+    vals = flat.to_numpy(zero_copy_only=False)
+    out = []
+    for i in range(len(m_offs) - 1):
+        v = vals[m_offs[i] : m_offs[i + 1]]
+        trained = (v != -100) & (v != 0) if v.size and set(np.unique(v).tolist()) <= {0, 1} else v != -100
+        hit = np.flatnonzero(trained)
+        out.append(int(hit[0]) if hit.size else len(v))
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([-100, -100, 0, 1, 5, 17]), max_size=12), min_size=1, max_size=9),
+       st.booleans())
+def test_vectorized_prompt_lens_match_the_per_row_rule(masks, sliced):
+    """Labels (-100), 0/1 masks, mixed and empty rows, and a table sliced from a larger one (offsets not from 0)."""
+    table = pa.table({"labels": pa.array([[9], *masks] if sliced else masks, pa.list_(pa.int64()))})
+    if sliced:
+        table = table.slice(1)
+    offs = np.arange(len(masks) + 1)
+    assert _prompt_lens(table, "labels", offs) == _prompt_lens_per_row(table, "labels", offs)
+    assert _prompt_lens(table, "nope", offs) == [None] * len(masks)
 
 def test_lossy_distillkit_rows_decode_close_to_the_originals():
     rng = np.random.default_rng(0)
