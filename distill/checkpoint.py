@@ -26,6 +26,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,22 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
+def prepare_out(out: Path, ctx: RunContext, *, resume: bool, overwrite: bool, check: Callable[[], None]) -> Path | None:
+    """Check ``--out`` against ``--resume``/``--overwrite`` (``check`` validates a resume against the run's
+    identity and raises a one-line error); the checkpoint to resume from, if any. Every rank calls it."""
+    resume_from = None
+    if (out / "config.json").exists():
+        if resume:
+            check()
+            resume_from = latest_checkpoint(out)
+        elif not overwrite:
+            raise ConfigError(f"--out {out} holds another run; pass --resume to continue it or --overwrite")
+        elif ctx.is_main:
+            shutil.rmtree(out)
+    ctx.barrier()
+    return resume_from
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     ckpts = sorted((out / "checkpoints").glob("step-*"), key=checkpoint_step)
     complete = [p for p in ckpts if (p / "trainer.pt").exists()]

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .losses_student import GradientPushes
+
 __all__ = ["CHUNK_ELEMS", "FusedHead", "default_chunk_rows", "fused_head", "head_parts"]
 
 #: default elements (rows x V) of one chunk's logits: 16M (64 MiB in fp32; 64 rows at V = 262k, 341 at 49k)
@@ -75,24 +77,6 @@ def head_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module, float | No
     return inner.get_decoder(), head, (float(cap) if cap else None)
 
 
-class _State:
-    """What the gathers of one batch pushed for the backward: per-row gradient sums per tau, sparse entries."""
-
-    def __init__(self, n: int, cdt: torch.dtype, device: torch.device):
-        self.n, self.cdt, self.device = n, cdt, device
-        self.lses: dict[float, Tensor] = {}
-        self.gsum: dict[float, Tensor] = {}
-        self.sparse: list[tuple[Tensor, Tensor]] = []
-
-    def push(self, rows: Tensor, flat: Tensor, g: Tensor, tau: float) -> None:
-        g = g.to(self.cdt) / tau
-        acc = self.gsum.get(tau)
-        if acc is None:
-            acc = self.gsum[tau] = torch.zeros(self.n, dtype=self.cdt, device=self.device)
-        acc.index_add_(0, rows, g.sum(1))
-        self.sparse.append((flat.reshape(-1), g.reshape(-1)))
-
-
 class FusedHead:
     """The student's logits ``softcap(hidden @ W.T + b)`` [N, V], never materialized: see the module docstring.
 
@@ -116,7 +100,7 @@ class FusedHead:
         self.amp = torch.is_autocast_enabled(self.device_type)
         self.amp_dtype = torch.get_autocast_dtype(self.device_type) if self.amp else None
         self.cdt = _compute_dtype(hidden.dtype, self.weight.dtype)
-        self.state = _State(self.n, self.cdt, hidden.device)
+        self.state = GradientPushes(self.n, self.cdt, hidden.device)
         self.anchor: Tensor | None = None
         self._memo: tuple[Tensor, Tensor, Tensor] | None = None
 

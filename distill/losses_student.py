@@ -65,18 +65,12 @@ def _lse_and_rank_sums(
     return {t: lses[t] for t in taus}, sums
 
 
-class _HubState:
-    """Sparse gradients pushed by the gathers of one batch, turned into ONE dense gradient of the logits.
+class GradientPushes:
+    """Sparse gradients pushed by the gathers of one batch: per-row gradient sums per temperature and the
+    (flat index, grad) entries; shared by :class:`_HubState` (dense logits) and the fused head (chunked)."""
 
-    Every loss term asks for log-softmax values at a few ids per row; their gradients are sparse apart
-    from the softmax part, which only depends on the per-row sum of the incoming gradients. So the gathers
-    only record (flat index, grad) and the per-row sums, and the hub's backward makes a single chunked pass
-    over the vocabulary per temperature: ``grad = sum_tau (scatter(g_tau) - softmax(z / tau) * gsum_tau) / tau``.
-    Several losses on one :class:`StudentStats` therefore cost one dense backward pass, not one each.
-    """
-
-    def __init__(self, n: int, v: int, dtype: torch.dtype, device: torch.device):
-        self.n, self.v, self.cdt, self.device = n, v, _compute_dtype(dtype), device
+    def __init__(self, n: int, cdt: torch.dtype, device: torch.device):
+        self.n, self.cdt, self.device = n, cdt, device
         self.lses: dict[float, Tensor] = {}
         self.clear()
 
@@ -91,6 +85,21 @@ class _HubState:
             acc = self.gsum[tau] = torch.zeros(self.n, dtype=self.cdt, device=self.device)
         acc.index_add_(0, rows, g.sum(1))
         self.sparse.append((flat.reshape(-1), g.reshape(-1)))
+
+
+class _HubState(GradientPushes):
+    """Sparse gradients pushed by the gathers of one batch, turned into ONE dense gradient of the logits.
+
+    Every loss term asks for log-softmax values at a few ids per row; their gradients are sparse apart
+    from the softmax part, which only depends on the per-row sum of the incoming gradients. So the gathers
+    only record (flat index, grad) and the per-row sums, and the hub's backward makes a single chunked pass
+    over the vocabulary per temperature: ``grad = sum_tau (scatter(g_tau) - softmax(z / tau) * gsum_tau) / tau``.
+    Several losses on one :class:`StudentStats` therefore cost one dense backward pass, not one each.
+    """
+
+    def __init__(self, n: int, v: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(n, _compute_dtype(dtype), device)
+        self.v = v
 
     def dense_grad(self, logits: Tensor) -> Tensor:
         """[N, V] gradient (in the logits' dtype) of everything pushed since the last call; clears the state."""

@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -54,6 +53,7 @@ from .checkpoint import (
     checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
+    prepare_out,
     save_checkpoint,
     seed_all,
     truncate_metrics,
@@ -220,17 +220,9 @@ def _check_resume(cfg: SFTConfig, out: Path, identity: dict[str, Any]) -> None:
 
 def _prepare_out(cfg: SFTConfig, ctx: RunContext, identity: dict[str, Any]) -> Path | None:
     out = Path(cfg.out)
-    resume_from = None
-    if (out / "config.json").exists():
-        if cfg.resume:
-            _check_resume(cfg, out, identity)
-            resume_from = latest_checkpoint(out)
-        elif not cfg.overwrite:
-            raise ConfigError(f"--out {out} holds another run; pass --resume to continue it or --overwrite")
-        elif ctx.is_main:
-            shutil.rmtree(out)
-    ctx.barrier()
-    return resume_from
+    return prepare_out(
+        out, ctx, resume=cfg.resume, overwrite=cfg.overwrite, check=lambda: _check_resume(cfg, out, identity)
+    )
 
 
 def _link_final(out: Path, checkpoint: Path) -> Path:

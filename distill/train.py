@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +39,7 @@ from .checkpoint import (
     data_identity,
     latest_checkpoint,
     load_checkpoint,
+    prepare_out,
     restore_training_state,
     save_checkpoint,
     seed_all,
@@ -229,17 +229,9 @@ def heldout_metrics(
 def _prepare_out(cfg: TrainConfig, ctx: RunContext, identity: dict[str, Any]) -> Path | None:
     """Check ``--out`` against ``--resume``/``--overwrite``; the checkpoint to resume from, if any."""
     out = Path(cfg.out)
-    resume_from = None
-    if (out / "config.json").exists():
-        if cfg.resume:
-            check_resume(cfg, out, identity)
-            resume_from = latest_checkpoint(out)
-        elif not cfg.overwrite:
-            raise ConfigError(f"--out {out} holds another run; pass --resume to continue it or --overwrite")
-        elif ctx.is_main:
-            shutil.rmtree(out)
-    ctx.barrier()
-    return resume_from
+    return prepare_out(
+        out, ctx, resume=cfg.resume, overwrite=cfg.overwrite, check=lambda: check_resume(cfg, out, identity)
+    )
 
 
 class _Trainer:
