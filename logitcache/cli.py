@@ -65,7 +65,8 @@ def main() -> None:
 
     \b
     Stages:  generate (teacher -> CACHE)  ->  align (CACHE + student tokenizer)  ->  train (student)
-    Baseline: sft (plain fine-tuning from --data).  Eval: eval.  Storage: inspect, verify, show.
+    Baseline: sft (plain fine-tuning from --data).  Eval: eval.  Storage: inspect, verify, show, convert.
+    Other tools' logit datasets: import, export.
     Run `logitcache COMMAND --help` for each.
     """
 
