@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     def one(job: tuple[Arm, int]) -> tuple[str, int, dict[str, Any], Path]:
         arm, seed = job
         run_dir = train_arm(arm, seed, args, teacher, 1)
-        metrics = eval_model(str(latest_student(run_dir)), test, run_dir / "eval.json", args, 1)
+        done = run_dir / "eval.json"  # evaluated: its checkpoints may have been cleaned up since
+        metrics = (json.loads(done.read_text())["metrics"] if done.exists()
+                   else eval_model(str(latest_student(run_dir)), test, done, args, 1))
         return f"{arm.mode}-{arm.name}", seed, metrics, run_dir
 
     def report() -> str:  # rewritten after every finished job, so an interrupted run still leaves its table
