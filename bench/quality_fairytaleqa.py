@@ -33,6 +33,7 @@ import concurrent.futures as cf
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="Threads of the one-at-a-time steps (teacher fine-tuning, captures, reference evals); 1 on "
                          "a shared machine (oversubscribed OpenMP threads slow a run many times over).")
     ap.add_argument("--no-online", action="store_true", help="Skip the online-teacher (--teacher) check.")
+    ap.add_argument("--keep-students", action="store_true",
+                    help="Keep every arm's checkpoint (default: deleted once evaluated; metrics and eval stay).")
     args = ap.parse_args(argv)
     size = SIZES[args.size]
     args.max_new_tokens = size["max_new_tokens"]
@@ -257,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         done = run_dir / "eval.json"  # evaluated: its checkpoints may have been cleaned up since
         metrics = (json.loads(done.read_text())["metrics"] if done.exists()
                    else eval_model(str(latest_student(run_dir)), test, done, args, 1))
+        if not args.keep_students:  # ~1.6 GB per SmolLM2 checkpoint (student + AdamW): 30 runs fill a disk
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         return f"{arm.mode}-{arm.name}", seed, metrics, run_dir
 
     def report() -> str:  # rewritten after every finished job, so an interrupted run still leaves its table
